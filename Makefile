@@ -1,0 +1,34 @@
+# One-command entry points.  The first target that needs Python creates .venv and installs
+# the project into it (torch and torchvision pinned together, then the package with the
+# `hf` and `dev` extras); later calls reuse it.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+OUT     ?= demo_out
+
+.PHONY: install test demo bench clean-venv
+
+$(BIN)/.mlcd-installed: setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade "pip>=23.1" "setuptools>=64" wheel
+	$(BIN)/python -m pip install $(TORCH_PIN)
+	$(BIN)/python -m pip install -e '.[hf,dev]'
+	touch $@
+
+install: $(BIN)/.mlcd-installed
+
+# The whole test suite (CPU only, no network).  .ci/run calls exactly this.
+test: install
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# The main job: the whole pipeline end to end on the shipped Fashion-MNIST sample.
+demo: install
+	$(BIN)/mlcd demo --out $(OUT)
+
+# Every benchmark, one table of measured ratios against their references.
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""clustering: embed a corpus, spherical k-means, multi-label top-l assignment."""

@@ -1,0 +1,5 @@
+import sys
+
+from mlcd_train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""mlcd: an open pretraining framework for MLCD vision encoders.
+
+Install with ``pip install -e .[hf,dev]`` (the Makefile does this in ``.venv``).
+torch and torchvision are pinned together: each torchvision release requires one exact torch
+release, so the two ranges below always resolve to a matching pair.  The Makefile installs
+the exact pair this project is tested with (``TORCH_PIN`` there).
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.4,<=2.14.1",
+    "torchvision>=0.19,<=0.29.1",
+    "faiss-cpu>=1.8,<2",
+    "webdataset>=0.2.86,<2",
+    "open_clip_torch>=2.24,<4",
+    "tensorboard>=2.14,<3",
+    "numpy>=1.24,<3",
+    "pillow>=10,<14",
+    "pyyaml>=6,<7",
+    "tqdm>=4.64,<5",
+    "matplotlib>=3.7,<4",
+]
+
+EXTRAS = {
+    # Hugging Face export / import (MLCDVisionModel landed in transformers 4.52).
+    "hf": ["transformers>=4.52,<6", "safetensors>=0.4,<1"],
+    # faiss on GPU: install the faiss-gpu build matching your CUDA (conda or a cuXX wheel).
+    "gpu": ["faiss-gpu>=1.8,<2"],
+    # Optional fused optimisers; apex must be built against your torch/CUDA, see README.
+    "apex": ["apex"],
+    "dev": [
+        "pytest>=7",
+        "pytest-timeout>=2.1",
+        "scikit-learn>=1.3",
+        "timm>=0.9",
+        "transformers>=4.52,<6",
+        "safetensors>=0.4,<1",
+    ],
+}
+
+setup(
+    name="mlcd",
+    version="0.1.0",
+    description="Pretraining framework for MLCD (multi-label cluster discrimination) vision encoders",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mlcd_train", "mlcd_train.*", "clustering", "clustering.*"]),
+    include_package_data=True,
+    package_data={"mlcd_train": ["data/sample/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mlcd=mlcd_train.cli:main"]},
+)
