@@ -1,0 +1,266 @@
+"""The training data stream: shards joined to their labels, augmented, batched per rank.
+
+Shard mode: :class:`LabeledStream` wraps the reader's resampled ``ShardDataset`` (seeded, the
+same number of samples on every rank), joins each sample to its row of
+``LABELS/<shard>.labels.npy`` by ``__key__`` (checked against ``<shard>.keys.npy``), and
+applies the augmentation.  The augmentation draws its randomness from a generator seeded by
+``(seed, rank, position of the sample in this rank's stream)``, never from a worker's RNG
+history, so a resumed run (the reader's ``set_resume``) sees the very same pixels.
+
+Synthetic mode (``data.synthetic=true``): a few batches of random images and labels held in
+memory and cycled; no loader, no workers.  Benchmarks use it to measure the trainer alone.
+
+Errors that the user can fix (a label file missing, a row count or a key that does not match
+a shard) are MLCDErrors naming the shard; :func:`check_labels` raises them before step 1.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from torch.utils.data import DataLoader, IterableDataset
+
+from mlcd_train.utils.errors import MLCDError
+from mlcd_train.utils.io import load_json
+
+_MASK = (1 << 63) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 mixing; stable across processes and runs)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x & _MASK
+
+
+# ----------------------------------------------------------------------------- labels
+
+def labels_meta(labels_dir: str) -> dict:
+    return load_json(Path(labels_dir) / "meta.json")
+
+
+def check_labels(shards: list[str], labels_dir: str, sizes: dict | None, l: int,
+                 check_keys_shards: int = 1) -> None:
+    """Before step 1: every shard has label files with matching row counts (and keys).
+
+    ``sizes``: shard name -> sample count (``sizes.json``); the labels may have fewer rows
+    (corrupt samples are left out by ``mlcd embed``) but never more.  The keys of the first
+    ``check_keys_shards`` shards are compared with the tar's members.
+    """
+    from mlcd_train.data.reader import shard_name
+
+    ldir = Path(labels_dir)
+    for i, path in enumerate(shards):
+        name = shard_name(path)
+        lab, keys = ldir / f"{name}.labels.npy", ldir / f"{name}.keys.npy"
+        for p in (lab, keys):
+            if not p.is_file():
+                raise MLCDError(f"shard {name}: label file {p} is missing (run `mlcd assign` on these shards)")
+        labels = np.load(lab, mmap_mode="r", allow_pickle=False)
+        k = np.load(keys, mmap_mode="r", allow_pickle=False)
+        if labels.ndim != 2:
+            raise MLCDError(f"shard {name}: {lab} should be [n, L], has shape {labels.shape}")
+        if labels.shape[0] != k.shape[0]:
+            raise MLCDError(f"shard {name}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
+        if labels.shape[1] < l:
+            raise MLCDError(f"shard {name}: {lab} has {labels.shape[1]} label columns, loss.l={l} needs more")
+        if sizes is not None and name + ".tar" in sizes and labels.shape[0] > int(sizes[name + ".tar"]):
+            raise MLCDError(f"shard {name}: {lab} has {labels.shape[0]} rows but the shard holds only "
+                            f"{sizes[name + '.tar']} samples (labels from other shards?)")
+        if i < check_keys_shards:
+            missing = sorted(set(map(str, k)) - _tar_keys(path))
+            if missing:
+                raise MLCDError(f"shard {name}: {len(missing)} keys of {keys} are not in {path} "
+                                f"(first: {missing[0]!r}); are these labels for other shards?")
+
+
+def _tar_keys(path: str) -> set[str]:
+    import tarfile
+
+    keys = set()
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            if m.isfile():
+                d, b = os.path.split(m.name)
+                keys.add(os.path.join(d, b.split(".", 1)[0]) if d else b.split(".", 1)[0])
+    return keys
+
+
+class LabelTable:
+    """Lazily loaded ``<shard>.labels.npy`` / ``keys.npy`` lookups (a few shards cached)."""
+
+    def __init__(self, labels_dir: str, l: int, cache: int = 8):
+        self.dir = Path(labels_dir)
+        self.l = l
+        self.cache: dict[str, tuple[dict, np.ndarray]] = {}
+        self.max_cache = cache
+
+    def _load(self, shard: str):
+        if shard not in self.cache:
+            lab, keys = self.dir / f"{shard}.labels.npy", self.dir / f"{shard}.keys.npy"
+            if not lab.is_file() or not keys.is_file():
+                raise MLCDError(f"shard {shard}: label file {lab if not lab.is_file() else keys} is missing")
+            labels = np.load(lab, mmap_mode="r", allow_pickle=False)
+            k = np.load(keys, allow_pickle=False)
+            if labels.shape[0] != k.shape[0]:
+                raise MLCDError(f"shard {shard}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
+            if len(self.cache) >= self.max_cache:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[shard] = ({str(key): i for i, key in enumerate(k)}, labels)
+        return self.cache[shard]
+
+    def get(self, shard: str, key: str) -> np.ndarray:
+        index, labels = self._load(shard)
+        row = index.get(str(key))
+        if row is None:
+            raise MLCDError(f"shard {shard}: sample {key!r} has no row in {self.dir / (shard + '.keys.npy')} "
+                            "(labels written for other shards?)")
+        return np.asarray(labels[row, : self.l], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+class Augment:
+    """Random resized crop + horizontal flip + normalisation, driven by an explicit generator."""
+
+    def __init__(self, image_size: int, aug) -> None:
+        self.size = image_size
+        self.rrc = aug.random_resized_crop
+        self.scale = tuple(aug.scale)
+        self.log_ratio = (math.log(aug.ratio[0]), math.log(aug.ratio[1]))
+        self.flip = aug.flip
+        self.mean, self.std = list(aug.mean), list(aug.std)
+
+    def _crop_box(self, w: int, h: int, g: torch.Generator) -> tuple[int, int, int, int]:
+        area = w * h
+        u = torch.rand(10, 4, generator=g).tolist()
+        for us, ur, ui, uj in u:
+            target = area * (self.scale[0] + us * (self.scale[1] - self.scale[0]))
+            ratio = math.exp(self.log_ratio[0] + ur * (self.log_ratio[1] - self.log_ratio[0]))
+            cw = int(round(math.sqrt(target * ratio)))
+            ch = int(round(math.sqrt(target / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                i = int(ui * (h - ch + 1))
+                j = int(uj * (w - cw + 1))
+                return i, j, ch, cw
+        # fall back to a centre crop at the clamped ratio
+        in_ratio = w / h
+        lo, hi = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+        if in_ratio < lo:
+            cw, ch = w, int(round(w / lo))
+        elif in_ratio > hi:
+            ch, cw = h, int(round(h * hi))
+        else:
+            cw, ch = w, h
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+    def __call__(self, img, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        size = [self.size, self.size]
+        if self.rrc:
+            i, j, ch, cw = self._crop_box(img.width, img.height, g)
+            img = TF.resized_crop(img, i, j, ch, cw, size, interpolation=TF.InterpolationMode.BICUBIC,
+                                  antialias=True)
+        else:
+            img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        flip = bool(torch.rand(1, generator=g).item() < 0.5)
+        if self.flip and flip:
+            img = TF.hflip(img)
+        x = TF.pil_to_tensor(img).float().div_(255.0)
+        return TF.normalize(x, self.mean, self.std)
+
+
+# ----------------------------------------------------------------------------- stream
+
+class LabeledStream(IterableDataset):
+    """(image tensor, labels [l]) pairs for one rank; batches come from a DataLoader.
+
+    ``resume_batches``: batches of ``batch_size`` this rank consumed before (exact resume).
+    The augmentation seed of a sample is ``mix_seed(seed, rank, position)`` where position
+    counts samples in this rank's stream from the start of training; DataLoader worker ``w``
+    of ``nw`` produces stream batches ``resume_batches + w + nw * i``.
+    """
+
+    def __init__(self, dataset, labels: LabelTable, augment: Augment, seed: int, rank: int,
+                 batch_size: int, resume_batches: int = 0):
+        self.dataset = dataset
+        self.labels = labels
+        self.augment = augment
+        self.seed, self.rank = seed, rank
+        self.batch_size = batch_size
+        self.resume_batches = resume_batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = 0
+        B = self.batch_size
+        for s in self.dataset:
+            batch = self.resume_batches + w + nw * (n // B)
+            pos = batch * B + n % B
+            x = self.augment(s.image, mix_seed(self.seed, self.rank, pos))
+            y = torch.from_numpy(self.labels.get(s.shard, s.key))
+            n += 1
+            yield x, y
+
+
+def _worker_init(_):
+    # Preemption signals go to the whole process group; the loader workers must survive them
+    # so that the trainer can finish its step, save and shut the workers down itself.
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def build_shard_loader(cfg, rank: int, world_size: int, batch_size: int, resume_batches: int,
+                       image_size: int, pin_memory: bool = False):
+    """The DataLoader of this rank and the ShardDataset behind it (for corrupt counters)."""
+    from mlcd_train.data.reader import ShardDataset, list_shards
+
+    shards = list_shards(cfg.data.shards)
+    ds = ShardDataset(shards, transform=None, rank=rank, world_size=world_size, resampled=True,
+                      seed=cfg.seed)
+    nw = cfg.data.num_workers
+    if hasattr(ds, "set_resume"):
+        ds.set_resume(resume_batches, batch_size)
+    stream = LabeledStream(ds, LabelTable(cfg.data.labels, cfg.loss.l), Augment(image_size, cfg.data.aug),
+                           cfg.seed, rank, batch_size, resume_batches)
+    kw = dict(num_workers=nw, batch_size=batch_size, pin_memory=pin_memory, drop_last=True)
+    if nw > 0:
+        kw.update(prefetch_factor=cfg.data.prefetch_factor, persistent_workers=False,
+                  worker_init_fn=_worker_init)
+    return DataLoader(stream, **kw), ds
+
+
+class SyntheticBatches:
+    """A few in-memory batches of random images and labels, cycled (seeded by seed and rank)."""
+
+    def __init__(self, n_batches: int, batch_size: int, image_size: int, num_classes: int, l: int,
+                 seed: int, rank: int, start: int = 0):
+        g = torch.Generator().manual_seed(mix_seed(seed, rank, 0xDA7A))
+        self.batches = []
+        for _ in range(max(1, n_batches)):
+            x = torch.randn(batch_size, 3, image_size, image_size, generator=g)
+            y = torch.randint(0, num_classes, (batch_size, l), generator=g)
+            self.batches.append((x, y))
+        self.i = start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
