@@ -1,0 +1,312 @@
+"""``mlcd assign``: give every embedding its top-L most similar centres (multi-label classes).
+
+    mlcd assign --emb EMB --centroids CL/centroids.npy --topk 8 --out LBL
+                [--threshold T] [--approx --nprobe 16] [--backend auto|faiss|torch]
+    torchrun --nproc-per-node 8 -m clustering.assign ...    (shards split over ranks)
+
+Per EMB shard: ``LBL/<shard>.labels.npy`` int32 [n, L] (most similar first),
+``LBL/<shard>.scores.npy`` float16 [n, L] (inner products), ``LBL/<shard>.keys.npy`` (copied
+from EMB, row-aligned; written last, it marks the shard finished).  ``--threshold T`` keeps
+only centres with similarity > T, padding with label -1 and score -inf; the top-1 is always
+kept (the paper's adaptive variant).
+
+Also ``LBL/meta.json`` (k, topk, centroids, embedder, threshold, search, per-shard counts),
+``LBL/stats.json`` (cluster sizes by top-1 and top-L, empty clusters, imbalance
+k*sum(n_i^2)/N^2, mean similarity, purity against the shards' ground-truth classes when EMB
+has ``<shard>.cls.npy``) and ``LBL/cluster_sizes.png``.
+
+Streaming: each shard is read in ``--chunk`` rows, so memory does not grow with the corpus.
+Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through an
+IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
+``--recall-sample`` rows.  ``--backend torch``: bf16 candidate pick on GPU + exact fp32
+re-rank, equal to exact search (see clustering/search.py).  A rerun skips finished shards;
+``--overwrite`` redoes them.
+
+Refused before anything is written: centres and embeddings of different dimension, L > k,
+missing/truncated files, an EMB made by another embedder than the centres (or than
+``--embedder``); NaN or zero-norm embeddings stop the run naming shard and row, leaving
+finished shards intact.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from clustering import store
+from clustering.search import make_searcher, pick_backend
+from mlcd_train.utils.errors import MLCDError
+from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlcd assign", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--emb", required=True, help="embeddings folder written by mlcd embed")
+    p.add_argument("--centroids", required=True, help="centres, float32 [k, d] (CL/centroids.npy)")
+    p.add_argument("--topk", type=int, default=8, help="labels per image, L (paper: 8)")
+    p.add_argument("--out", required=True, help="labels folder")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep only centres with similarity > T (pad -1); the top-1 is always kept")
+    p.add_argument("--approx", action="store_true", help="IVF search over the centres (very large k)")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (default min(k/39, 4 sqrt(k)))")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (default 16)")
+    p.add_argument("--recall-sample", type=int, default=10000,
+                   help="rows on which --approx is compared with exact search (default 10000)")
+    p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto")
+    p.add_argument("--cand-dtype", choices=["bfloat16", "float16", "tf32", "float32"], default=None,
+                   help="torch backend candidate matmul precision (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--gpu", action="store_true", help="use the GPU (faiss-gpu when importable, else torch)")
+    p.add_argument("--chunk", type=int, default=65536, help="rows searched at once (default 65536)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--embedder", default=None, help="fail unless EMB was made with this embedder spec")
+    p.add_argument("--overwrite", action="store_true", help="redo finished shards")
+    p.add_argument("--no-stats", action="store_true", help="skip stats.json and cluster_sizes.png")
+    return p
+
+
+def load_centroids(path: str) -> tuple[np.ndarray, dict]:
+    """Centres float32 [k, d] normalised, plus the meta.json beside them (or {})."""
+    info = store.npy_info(path, "centroids")
+    if len(info.shape) != 2 or info.dtype.kind != "f":
+        raise MLCDError(f"{path}: centroids must be a float [k, d] array, got {info.shape} {info.dtype}")
+    c = np.load(path, allow_pickle=False).astype(np.float32)
+    if not np.isfinite(c).all():
+        raise MLCDError(f"{path}: centroids hold NaN/inf")
+    if (np.linalg.norm(c, axis=1) < 1e-12).any():
+        raise MLCDError(f"{path}: centroid {int(np.flatnonzero(np.linalg.norm(c, axis=1) < 1e-12)[0])} has zero norm")
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
+    meta = load_json(meta_path) if os.path.exists(meta_path) else {}
+    return store.normalise(c), meta
+
+
+def apply_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | None):
+    if threshold is None:
+        return labels, scores
+    drop = scores <= threshold
+    drop[:, 0] = False
+    labels = np.where(drop, -1, labels)
+    scores = np.where(drop, -np.inf, scores)
+    return labels, scores
+
+
+def label_done(out: str, name: str, n: int, L: int) -> bool:
+    try:
+        li = store.npy_info(os.path.join(out, f"{name}.labels.npy"))
+        si = store.npy_info(os.path.join(out, f"{name}.scores.npy"))
+        ki = store.npy_info(os.path.join(out, f"{name}.keys.npy"))
+    except MLCDError:
+        return False
+    return li.shape == (n, L) and si.shape == (n, L) and ki.shape == (n,)
+
+
+def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold, bar=None):
+    labels = np.empty((shard.n, L), dtype=np.int32)
+    scores = np.empty((shard.n, L), dtype=np.float16)
+    for start, x in store.iter_chunks(shard, chunk):
+        D, I = searcher.search(x, L)
+        D = np.where(I < 0, -np.inf, D)  # IVF: fewer than L centres in the probed lists
+        lab, sc = apply_threshold(I.astype(np.int32), D, threshold)
+        labels[start: start + len(x)] = lab
+        scores[start: start + len(x)] = sc.astype(np.float16)
+        if bar is not None:
+            bar.update(len(x))
+    return labels, scores
+
+
+def recall_at_l(emb: store.EmbFolder, centroids: np.ndarray, approx_searcher, L: int, sample: int,
+                seed: int = 0) -> dict:
+    """recall@L of the approximate search against exact faiss search on a seeded sample."""
+    from clustering.search import FaissSearcher
+
+    n = emb.total
+    m = min(sample, n)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    x = store.gather(emb, rows)
+    _, Ie = FaissSearcher(centroids).search(x, L)
+    _, Ia = approx_searcher.search(x, L)
+    hit = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(Ia, Ie))
+    top1 = float((Ia[:, 0] == Ie[:, 0]).mean())
+    return {"recall_at_L": hit / (m * L), "top1_agreement": top1, "sample": m}
+
+
+# ----------------------------------------------------------------------------------- stats
+
+def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int) -> dict:
+    """Cluster sizes, empty clusters, imbalance, mean similarity, purity (when classes known)."""
+    top1 = np.zeros(k, dtype=np.int64)
+    topl = np.zeros(k, dtype=np.int64)
+    n = 0
+    s1 = 0.0
+    sl = 0.0
+    nl = 0
+    pair_codes, pair_counts = [], []
+    n_cls = 0
+    max_cls = -1
+    for sh in emb.shards:
+        lab = np.load(os.path.join(out, f"{sh.name}.labels.npy"))
+        sc = np.load(os.path.join(out, f"{sh.name}.scores.npy")).astype(np.float64)
+        n += len(lab)
+        top1 += np.bincount(lab[:, 0], minlength=k)
+        valid = lab >= 0
+        topl += np.bincount(lab[valid], minlength=k)
+        s1 += float(sc[:, 0].sum())
+        sl += float(sc[valid].sum())
+        nl += int(valid.sum())
+        cls = store.load_cls(sh)
+        if cls is not None:
+            known = cls >= 0
+            if known.any():
+                max_cls = max(max_cls, int(cls[known].max()))
+                codes = lab[known, 0].astype(np.int64) * (1 << 31) + cls[known]
+                u, c = np.unique(codes, return_counts=True)
+                pair_codes.append(u)
+                pair_counts.append(c)
+                n_cls += int(known.sum())
+    stats = {
+        "n": n, "k": k, "topk": L,
+        "top1": _size_stats(top1, n),
+        "topL": _size_stats(topl, int(topl.sum())),
+        "labels_per_image_mean": nl / max(n, 1),
+        "mean_similarity_top1": s1 / max(n, 1),
+        "mean_similarity_topL": sl / max(nl, 1),
+    }
+    if n_cls:
+        codes = np.concatenate(pair_codes)
+        counts = np.concatenate(pair_counts)
+        u, inv = np.unique(codes, return_inverse=True)
+        tot = np.bincount(inv, weights=counts)
+        clus = u >> 31
+        # purity: every cluster votes for its majority class
+        order = np.lexsort((-tot, clus))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = clus[order][1:] != clus[order][:-1]
+        stats["purity_top1"] = float(tot[order][first].sum() / n_cls)
+        stats["labelled_images"] = n_cls
+        stats["classes"] = max_cls + 1
+    return stats
+
+
+def _size_stats(sizes: np.ndarray, total: int) -> dict:
+    k = len(sizes)
+    return {"empty": int((sizes == 0).sum()), "min": int(sizes.min()), "max": int(sizes.max()),
+            "mean": float(total / k), "median": float(np.median(sizes)),
+            "imbalance": float(k * (sizes.astype(np.float64) ** 2).sum() / max(total, 1) ** 2),
+            "sizes_sorted_desc_first_10": np.sort(sizes)[::-1][:10].astype(int).tolist()}
+
+
+def plot_sizes(out: str, emb: store.EmbFolder, k: int) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlcd_train.utils.io import atomic_open
+
+    top1 = np.zeros(k, dtype=np.int64)
+    for sh in emb.shards:
+        top1 += np.bincount(np.load(os.path.join(out, f"{sh.name}.labels.npy"))[:, 0], minlength=k)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].hist(top1, bins=min(100, max(10, k // 4)))
+    ax[0].set_xlabel("images per cluster (top-1)")
+    ax[0].set_ylabel("clusters")
+    ax[0].set_yscale("log")
+    ax[1].plot(np.sort(top1)[::-1])
+    ax[1].set_xlabel("cluster rank")
+    ax[1].set_ylabel("images (top-1)")
+    ax[1].set_yscale("symlog")
+    fig.suptitle(f"cluster sizes, k={k}, {int(top1.sum())} images, {int((top1 == 0).sum())} empty")
+    fig.tight_layout()
+    path = os.path.join(out, "cluster_sizes.png")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mlcd_train.utils.dist import barrier, init_distributed
+    from mlcd_train.utils.progress import progress
+
+    if args.threads > 0:
+        import faiss
+        import torch
+
+        faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    info = init_distributed(device="cuda" if args.gpu else None)
+    emb = store.open_emb(args.emb, expect_embedder=args.embedder)
+    cent, cmeta = load_centroids(args.centroids)
+    k, d = cent.shape
+    L = args.topk
+    if d != emb.dim:
+        raise MLCDError(f"{args.centroids}: centres have dimension {d}, embeddings in "
+                        f"{os.path.join(args.emb, store.META)} have {emb.dim}")
+    if not 1 <= L <= k:
+        raise MLCDError(f"{args.centroids}: --topk {L} must be between 1 and k={k}")
+    if cmeta.get("embedder") not in (None, "", emb.embedder):
+        raise MLCDError(f"{os.path.join(args.emb, store.META)}: embeddings made with {emb.embedder!r}, "
+                        f"but the centres {args.centroids} come from {cmeta['embedder']!r}")
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.exists(meta_path) and not args.overwrite:
+        old = load_json(meta_path)
+        same = (old.get("k"), old.get("topk"), old.get("centroids"), old.get("threshold")) == (
+            k, L, store.resolve(args.centroids), args.threshold)
+        if not same:
+            raise MLCDError(f"{meta_path}: {args.out} holds labels of another run (k={old.get('k')}, "
+                            f"topk={old.get('topk')}, centroids={old.get('centroids')}, "
+                            f"threshold={old.get('threshold')}); use --overwrite or another --out")
+
+    backend = pick_backend(args.backend, args.gpu)
+    searcher = make_searcher(cent, backend=backend, approx=args.approx, nlist=args.nlist or None,
+                             nprobe=args.nprobe, gpu=args.gpu, cand_dtype=args.cand_dtype)
+    base_meta = {"k": k, "topk": L, "centroids": store.resolve(args.centroids), "embedder": emb.embedder,
+                 "emb": store.resolve(args.emb), "threshold": args.threshold, "dim": d,
+                 "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
+    if info.is_main and (args.overwrite or not os.path.exists(meta_path)):
+        # written first (complete=false), so a rerun with other settings is refused, not mixed in
+        atomic_save_json(meta_path, {**base_meta, "complete": False})
+    barrier()
+    mine = store.shard_names_for_rank(emb.shards, info.rank, info.world_size)
+    todo = [sh for sh in mine if args.overwrite or not label_done(args.out, sh.name, sh.n, L)]
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="emb")
+    for sh in todo:
+        labels, scores = assign_shard(searcher, sh, L, args.chunk, args.threshold, bar)
+        atomic_save_npy(os.path.join(args.out, f"{sh.name}.labels.npy"), labels)
+        atomic_save_npy(os.path.join(args.out, f"{sh.name}.scores.npy"), scores)
+        atomic_save_npy(os.path.join(args.out, f"{sh.name}.keys.npy"), store.load_keys(sh))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    barrier()
+    if info.is_main:
+        search = {"backend": backend, "approx": args.approx}
+        if args.approx:
+            search.update(nlist=searcher.nlist, nprobe=args.nprobe)
+            search["recall"] = recall_at_l(emb, cent, searcher, L, args.recall_sample)
+        if backend == "torch":
+            search["cand_dtype"] = searcher.cand_dtype
+            search["exact_fallback_rows"] = searcher.n_fallback
+        meta = {**base_meta, "complete": True, "search": search,
+                "seconds_rank0": seconds, "shards_done_this_run_rank0": len(todo)}
+        if not args.no_stats:
+            atomic_save_json(os.path.join(args.out, "stats.json"), compute_stats(args.out, emb, k, L))
+            plot_sizes(args.out, emb, k)
+        atomic_save_json(meta_path, meta)
+        print(f"mlcd assign: {emb.total} embeddings -> top-{L} of {k} centres ({backend}"
+              f"{', approx' if args.approx else ''}) in {args.out}", file=sys.stderr)
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    from mlcd_train.cli import run_stage
+
+    sys.exit(run_stage("assign", sys.argv[1:]))

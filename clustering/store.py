@@ -1,0 +1,280 @@
+"""Reading an embeddings folder (``mlcd embed`` -> ``EMB/``) safely and in bounded memory.
+
+Shared by ``mlcd cluster`` and ``mlcd assign``.  Every check raises an
+:class:`~mlcd_train.utils.errors.MLCDError` naming the file (and the shard and row for bad
+values), before anything is written:
+
+* ``EMB/meta.json`` missing or malformed, or naming a shard whose files are missing;
+* a ``.npy`` whose header is unreadable, that is not 2-D float16/float32, or that is shorter
+  than its header says (a truncated copy);
+* keys (and ``.cls.npy`` when present) with a row count different from the embeddings;
+* NaN/inf or zero-norm rows (found while streaming; the message names shard and row).
+
+Rows are read with plain file reads (:func:`iter_chunks`), never by mapping a whole file,
+so the resident memory of a pass over the corpus is one chunk, whatever its size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mlcd_train.utils.errors import MLCDError
+from mlcd_train.utils.io import load_json
+
+META = "meta.json"
+
+
+@dataclass
+class NpyInfo:
+    path: str
+    shape: tuple
+    dtype: np.dtype
+    offset: int  # byte offset of the data
+    fortran: bool
+
+
+def npy_info(path: str | os.PathLike, what: str = "array") -> NpyInfo:
+    """Header of a ``.npy`` file; MLCDError if missing, not a .npy, or truncated."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            except (ValueError, EOFError, OSError) as exc:
+                raise MLCDError(f"{path}: not a readable .npy {what} ({exc})") from None
+            offset = f.tell()
+    except FileNotFoundError:
+        raise MLCDError(f"{path}: {what} file not found") from None
+    if dtype.hasobject:
+        raise MLCDError(f"{path}: {what} holds Python objects; only plain numeric/unicode arrays are accepted")
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size < need:
+        raise MLCDError(f"{path}: truncated {what} ({size} bytes, header {shape} {dtype} needs {need})")
+    return NpyInfo(path, tuple(shape), dtype, offset, fortran)
+
+
+@dataclass
+class EmbShard:
+    name: str
+    path: str       # EMB/<shard>.npy
+    keys_path: str  # EMB/<shard>.keys.npy
+    cls_path: str | None  # EMB/<shard>.cls.npy when present
+    n: int
+    d: int
+    info: NpyInfo
+
+
+@dataclass
+class EmbFolder:
+    root: str
+    meta: dict
+    shards: list[EmbShard]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def embedder(self) -> str:
+        return str(self.meta.get("embedder", ""))
+
+    @property
+    def total(self) -> int:
+        return sum(s.n for s in self.shards)
+
+    def offsets(self) -> np.ndarray:
+        """Global row index of each shard's first row, plus the total at the end."""
+        return np.concatenate([[0], np.cumsum([s.n for s in self.shards])]).astype(np.int64)
+
+    def locate(self, global_row: int) -> tuple[EmbShard, int]:
+        off = self.offsets()
+        i = int(np.searchsorted(off, global_row, side="right") - 1)
+        return self.shards[i], int(global_row - off[i])
+
+
+def open_emb(root: str | os.PathLike, expect_embedder: str | None = None) -> EmbFolder:
+    """Open and validate an EMB folder (headers, sizes, keys); reads no embedding values."""
+    root = str(root)
+    meta_path = os.path.join(root, META)
+    if not os.path.isdir(root):
+        raise MLCDError(f"{root}: embeddings folder not found")
+    meta = load_json(meta_path)
+    if not isinstance(meta, dict) or "dim" not in meta or "counts" not in meta:
+        raise MLCDError(f"{meta_path}: not an embeddings meta.json (needs 'dim' and 'counts'; written by mlcd embed)")
+    if not meta.get("complete", True):
+        raise MLCDError(f"{meta_path}: the embedding run in {root} did not finish (complete=false); rerun mlcd embed")
+    if expect_embedder is not None and meta.get("embedder") != expect_embedder:
+        raise MLCDError(f"{meta_path}: embeddings were made with {meta.get('embedder')!r}, "
+                        f"not {expect_embedder!r} as asked")
+    d = int(meta["dim"])
+    shards = []
+    for name, count in meta["counts"].items():
+        p = os.path.join(root, f"{name}.npy")
+        info = npy_info(p, "embeddings")
+        if len(info.shape) != 2 or info.dtype not in (np.float16, np.float32) or info.fortran:
+            raise MLCDError(f"{p}: expected a C-order float16 [n, d] array, got {info.shape} {info.dtype}")
+        if info.shape[1] != d:
+            raise MLCDError(f"{p}: rows have dimension {info.shape[1]}, {meta_path} says {d}")
+        if info.shape[0] != int(count):
+            raise MLCDError(f"{p}: {info.shape[0]} rows, {meta_path} says {count}")
+        kp = os.path.join(root, f"{name}.keys.npy")
+        kinfo = npy_info(kp, "keys")
+        if kinfo.shape != (info.shape[0],):
+            raise MLCDError(f"{kp}: {kinfo.shape} keys for {info.shape[0]} embedding rows in {p}")
+        cp = os.path.join(root, f"{name}.cls.npy")
+        if os.path.exists(cp):
+            cinfo = npy_info(cp, "classes")
+            if cinfo.shape != (info.shape[0],):
+                raise MLCDError(f"{cp}: {cinfo.shape} classes for {info.shape[0]} embedding rows in {p}")
+        else:
+            cp = None
+        shards.append(EmbShard(name, p, kp, cp, info.shape[0], d, info))
+    if not shards:
+        raise MLCDError(f"{meta_path}: lists no shards")
+    return EmbFolder(root, meta, shards)
+
+
+def check_rows(x: np.ndarray, shard: EmbShard, start: int) -> None:
+    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has NaN/inf values "
+                        f"({int(bad.sum())} such rows in this chunk)")
+    norms = np.einsum("ij,ij->i", x, x)
+    zero = norms < 1e-12
+    if zero.any():
+        r = int(np.flatnonzero(zero)[0])
+        raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has zero norm "
+                        f"({int(zero.sum())} such rows in this chunk)")
+
+
+def read_rows(shard: EmbShard, start: int, stop: int, check: bool = True) -> np.ndarray:
+    """Rows ``start:stop`` of a shard as float32, read with one seek + read."""
+    info = shard.info
+    count = (stop - start) * shard.d
+    with open(shard.path, "rb") as f:
+        f.seek(info.offset + start * shard.d * info.dtype.itemsize)
+        a = np.fromfile(f, dtype=info.dtype, count=count)
+    if a.size != count:  # the file shrank after validation
+        raise MLCDError(f"{shard.path}: truncated while reading rows {start}:{stop}")
+    x = a.reshape(stop - start, shard.d).astype(np.float32)
+    if check:
+        check_rows(x, shard, start)
+    return x
+
+
+def iter_chunks(shard: EmbShard, chunk_rows: int, check: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """(start row, float32 [m, d]) chunks of one shard, validated (NaN, zero norm)."""
+    for start in range(0, shard.n, chunk_rows):
+        yield start, read_rows(shard, start, min(shard.n, start + chunk_rows), check)
+
+
+def gather(folder: EmbFolder, rows: np.ndarray, check: bool = True, chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Float32 rows at the sorted global indices ``rows`` (a training sample), validated."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), folder.dim), dtype=np.float32)
+    off = folder.offsets()
+    pos = 0
+    for i, sh in enumerate(folder.shards):
+        lo, hi = np.searchsorted(rows, [off[i], off[i + 1]])
+        if hi == lo:
+            continue
+        local = rows[lo:hi] - off[i]
+        if hi - lo == sh.n:  # the whole shard: sequential reads
+            for start, x in iter_chunks(sh, chunk_rows, check):
+                out[pos + start: pos + start + len(x)] = x
+        else:
+            mm = np.load(sh.path, mmap_mode="r")
+            for s in range(0, len(local), chunk_rows):
+                idx = local[s: s + chunk_rows]
+                x = np.asarray(mm[idx], dtype=np.float32)
+                if check:
+                    bad_shard_rows = _first_bad(x)
+                    if bad_shard_rows is not None:
+                        check_rows(x[bad_shard_rows: bad_shard_rows + 1], sh, int(idx[bad_shard_rows]))
+                out[pos + s: pos + s + len(x)] = x
+            del mm
+        pos += hi - lo
+    return out
+
+
+def _first_bad(x: np.ndarray) -> int | None:
+    bad = ~np.isfinite(x).all(axis=1) | (np.einsum("ij,ij->i", x, x) < 1e-12)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
+def load_keys(shard: EmbShard) -> np.ndarray:
+    try:
+        return np.load(shard.keys_path, allow_pickle=False)
+    except ValueError as exc:
+        raise MLCDError(f"{shard.keys_path}: unreadable keys ({exc})") from None
+
+
+def load_cls(shard: EmbShard) -> np.ndarray | None:
+    if shard.cls_path is None:
+        return None
+    return np.load(shard.cls_path, allow_pickle=False).astype(np.int64)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def shard_names_for_rank(names: list, rank: int, world: int) -> list:
+    """Shards of one rank: round-robin, so ranks get balanced, disjoint, complete subsets."""
+    return list(names[rank::world])
+
+
+def resolve(p: str | os.PathLike) -> str:
+    return str(Path(p).resolve())
+
+
+# ------------------------------------------------------------------------------- writing
+
+def shard_done(root: str | os.PathLike, name: str) -> bool:
+    """True when EMB/<shard>.npy and its keys exist, are readable and agree (a finished shard)."""
+    try:
+        info = npy_info(os.path.join(root, f"{name}.npy"))
+        kinfo = npy_info(os.path.join(root, f"{name}.keys.npy"))
+    except MLCDError:
+        return False
+    return len(info.shape) == 2 and kinfo.shape == (info.shape[0],)
+
+
+def write_shard(root: str | os.PathLike, name: str, emb: np.ndarray, keys, cls=None) -> None:
+    """Write one shard's rows: L2-normalised float16 embeddings, keys, classes (-1 unknown).
+
+    The keys file is written last: its presence with a matching row count marks the shard
+    finished (:func:`shard_done`).
+    """
+    from mlcd_train.utils.io import atomic_save_npy
+
+    emb = np.asarray(emb, dtype=np.float32)
+    keys = np.asarray(keys, dtype=np.str_)
+    if emb.ndim != 2 or len(keys) != len(emb):
+        raise ValueError(f"{name}: {emb.shape} embeddings for {len(keys)} keys")
+    atomic_save_npy(os.path.join(root, f"{name}.npy"), normalise(emb).astype(np.float16))
+    if cls is not None:
+        atomic_save_npy(os.path.join(root, f"{name}.cls.npy"), np.asarray(cls, dtype=np.int32))
+    atomic_save_npy(os.path.join(root, f"{name}.keys.npy"), keys)
+
+
+def write_meta(root: str | os.PathLike, embedder: str, dim: int, counts: dict, complete: bool = True,
+               **extra) -> None:
+    """EMB/meta.json: embedder spec, dim, per-shard row counts in shard order, total."""
+    from mlcd_train.utils.io import atomic_save_json
+
+    atomic_save_json(os.path.join(root, META),
+                     {"embedder": embedder, "dim": int(dim), "dtype": "float16", "normalised": True,
+                      "complete": bool(complete), "total": int(sum(counts.values())),
+                      "counts": {k: int(v) for k, v in counts.items()}, **extra})
