@@ -1,0 +1,450 @@
+"""``mlcd convert``: native export -> Hugging Face directory, and back.
+
+Export to Hugging Face (the seed's flags)::
+
+    mlcd convert --checkpoint_path mlcd_vit.pt --pytorch_dump_folder_path hf_dir --image_size 336
+
+The architecture comes from the export's ``.json`` sidecar when present, else from the
+tensors (width, depth, patch, MLP size; RoPE2D when ``class_pos_emb`` is there, heads from
+its length; else learned absolute positions, heads = width / 64 as in CLIP; activation
+``gelu``); ``--num_heads`` and ``--act`` override.  RoPE2D towers become a
+``transformers.MLCDVisionModel`` directory, CLIP-style towers a ``CLIPVisionModel`` (or
+``CLIPVisionModelWithProjection`` when the tower has a projection); weights in safetensors,
+plus a ``CLIPImageProcessor`` config (bicubic resize of the short side, centre crop, CLIP
+mean/std).  A RoPE2D tower's projection, which MLCDVisionModel has no place for, is kept in
+``mlcd_projection.safetensors`` (key ``proj``, [width, dim]) so that import restores it.
+
+After writing, the directory is loaded back with transformers and run on a fixed random
+input next to our model: the class token's cosine must exceed 0.9999 at every layer and
+the last hidden state must agree within 1e-4 (max |diff| relative to max(1, max |value|)).
+Otherwise the command fails naming the first layer that diverges.  Everything is written
+in a temporary folder beside the target and renamed at the end: no partial output folder.
+
+Import (Hugging Face MLCD or CLIP vision directory -> our native export)::
+
+    mlcd convert --from-hf hf_dir --out mlcd_vit.pt
+
+Python: :func:`convert_to_hf`, :func:`import_from_hf` (returns our model),
+:func:`native_to_hf_state_dict`, :func:`hf_to_native_state_dict`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mlcd_train.export import build_and_load, load_native, resolve_config, save_native
+from mlcd_train.utils.errors import MLCDError
+from mlcd_train.utils.io import load_json
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROJ_FILE = "mlcd_projection.safetensors"
+COS_MIN = 0.9999
+ATOL = 1e-4
+
+# per-block native suffix -> HF suffix (weights and biases)
+_BLOCK_MAP = [("ln_1", "layer_norm1"), ("attn.out_proj", "self_attn.out_proj"), ("ln_2", "layer_norm2"),
+              ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]
+
+
+def hf_prefix(keys) -> str:
+    """Where the tower's modules sit in a transformers state dict: MLCDVisionModel and (in
+    transformers 5) CLIPVisionModel hold them directly, CLIPVisionModelWithProjection under
+    ``vision_model.``."""
+    for key in keys:
+        if key.endswith("embeddings.patch_embedding.weight"):
+            return key[: -len("embeddings.patch_embedding.weight")]
+    raise MLCDError("Hugging Face weights: no '*embeddings.patch_embedding.weight' key; not a ViT vision tower")
+
+
+# --------------------------------------------------------------------------- state dict maps
+def native_to_hf_state_dict(sd: dict, cfg: dict, prefix: str = "") -> dict:
+    """Our native state dict -> the state dict of a transformers model whose tower modules sit
+    under ``prefix`` (see :func:`hf_prefix`).  A RoPE2D tower's ``proj`` is left out
+    (MLCDVisionModel has none); a CLIP-style one becomes ``visual_projection.weight``."""
+    rope = cfg["pos_embed"] == "rope2d"
+    D = cfg["width"]
+    p = prefix
+    out = {
+        p + "embeddings.patch_embedding.weight": sd["conv1.weight"],
+        p + "embeddings.class_embedding": sd["class_embedding"],
+        p + "pre_layrnorm.weight": sd["ln_pre.weight"], p + "pre_layrnorm.bias": sd["ln_pre.bias"],
+        p + "post_layernorm.weight": sd["ln_post.weight"], p + "post_layernorm.bias": sd["ln_post.bias"],
+    }
+    if rope:
+        out["class_pos_emb"] = sd["class_pos_emb"]
+    else:
+        out[p + "embeddings.position_embedding.weight"] = sd["positional_embedding"]
+        if sd.get("proj") is not None:
+            out["visual_projection.weight"] = sd["proj"].t()
+    for i in range(cfg["layers"]):
+        src, dst = f"transformer.resblocks.{i}.", f"{p}encoder.layers.{i}."
+        w_key, b_key = ("attn.in_proj.weight", "attn.in_proj.bias") if rope else \
+            ("attn.in_proj_weight", "attn.in_proj_bias")
+        w, b = sd[src + w_key], sd[src + b_key]
+        for j, name in enumerate("qkv"):
+            out[f"{dst}self_attn.{name}_proj.weight"] = w[j * D:(j + 1) * D]
+            out[f"{dst}self_attn.{name}_proj.bias"] = b[j * D:(j + 1) * D]
+        for a, h in _BLOCK_MAP:
+            for s in ("weight", "bias"):
+                out[f"{dst}{h}.{s}"] = sd[f"{src}{a}.{s}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_to_native_state_dict(hf: dict, cfg: dict) -> dict:
+    """The reverse of :func:`native_to_hf_state_dict` (``proj`` from ``visual_projection`` if present)."""
+    rope = cfg["pos_embed"] == "rope2d"
+    p = hf_prefix(hf)
+
+    def get(key):
+        if key not in hf:
+            raise MLCDError(f"Hugging Face weights: missing key {key!r}")
+        return hf[key]
+
+    out = {
+        "conv1.weight": get(p + "embeddings.patch_embedding.weight"),
+        "class_embedding": get(p + "embeddings.class_embedding"),
+        "ln_pre.weight": get(p + "pre_layrnorm.weight"), "ln_pre.bias": get(p + "pre_layrnorm.bias"),
+    }
+    if rope:
+        out["class_pos_emb"] = get("class_pos_emb")
+    else:
+        out["positional_embedding"] = get(p + "embeddings.position_embedding.weight")
+    for i in range(cfg["layers"]):
+        src, dst = f"{p}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        w_key, b_key = ("attn.in_proj.weight", "attn.in_proj.bias") if rope else \
+            ("attn.in_proj_weight", "attn.in_proj_bias")
+        out[dst + w_key] = torch.cat([get(f"{src}self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
+        out[dst + b_key] = torch.cat([get(f"{src}self_attn.{n}_proj.bias") for n in "qkv"], dim=0)
+        for a, h in _BLOCK_MAP:
+            for s in ("weight", "bias"):
+                out[f"{dst}{a}.{s}"] = get(f"{src}{h}.{s}")
+    out["ln_post.weight"] = get(p + "post_layernorm.weight")
+    out["ln_post.bias"] = get(p + "post_layernorm.bias")
+    if "visual_projection.weight" in hf:
+        out["proj"] = hf["visual_projection.weight"].t()
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- HF models
+def hf_config_for(cfg: dict):
+    """The transformers config (MLCDVisionConfig or CLIPVisionConfig) of our model config."""
+    common = dict(hidden_size=cfg["width"], intermediate_size=int(round(cfg["width"] * cfg["mlp_ratio"])),
+                  num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_channels=3,
+                  image_size=cfg["image_size"], patch_size=cfg["patch_size"], hidden_act=cfg["act"],
+                  layer_norm_eps=1e-5)
+    if cfg["pos_embed"] == "rope2d":
+        from transformers import MLCDVisionConfig
+
+        hc = MLCDVisionConfig(**common)
+        hc.architectures = ["MLCDVisionModel"]
+    else:
+        from transformers import CLIPVisionConfig
+
+        hc = CLIPVisionConfig(projection_dim=cfg.get("output_dim") or 512, **common)
+        hc.architectures = ["CLIPVisionModelWithProjection" if cfg.get("output_dim") else "CLIPVisionModel"]
+    return hc
+
+
+def hf_class_for(cfg: dict):
+    import transformers
+
+    if cfg["pos_embed"] == "rope2d":
+        return transformers.MLCDVisionModel
+    return transformers.CLIPVisionModelWithProjection if cfg.get("output_dim") else transformers.CLIPVisionModel
+
+
+def image_processor_for(image_size: int):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3,  # PIL bicubic
+                              do_center_crop=True, crop_size={"height": image_size, "width": image_size},
+                              do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+
+
+def _hf_outputs(hf_model, pixels: torch.Tensor, with_proj: bool):
+    out = hf_model(pixel_values=pixels, output_hidden_states=True)
+    if with_proj and getattr(out, "image_embeds", None) is not None:
+        pooled = out.image_embeds
+    elif getattr(out, "pooler_output", None) is not None:
+        pooled = out.pooler_output
+    else:  # CLIPVisionModelWithProjection of a tower without projection: ln_post of the class token
+        pooled = hf_model.vision_model.post_layernorm(out.last_hidden_state[:, 0])
+    return list(out.hidden_states), pooled
+
+
+def compare_outputs(ours_states: list, ours_pooled: torch.Tensor, hf_states: list, hf_pooled: torch.Tensor,
+                    where: str) -> dict:
+    """Raise MLCDError at the first layer whose class-token cosine is <= 0.9999, or when the last
+    hidden state or the pooled output differ by more than 1e-4 (relative to max(1, max |value|))."""
+    if len(ours_states) != len(hf_states):
+        raise MLCDError(f"{where}: {len(hf_states)} hidden states from transformers, {len(ours_states)} from ours")
+    worst = 1.0
+    for i, (a, b) in enumerate(zip(ours_states, hf_states)):
+        cos = torch.nn.functional.cosine_similarity(a[:, 0].double(), b[:, 0].double(), dim=-1).min().item()
+        worst = min(worst, cos)
+        if not cos > COS_MIN:
+            label = "the embeddings (input of layer 0)" if i == 0 else f"layer {i - 1} (hidden state {i})"
+            raise MLCDError(f"{where}: outputs diverge at {label}: class-token cosine {cos:.6f} <= {COS_MIN}")
+
+    def rel(a, b):
+        return ((a.double() - b.double()).abs().max() / max(1.0, b.double().abs().max().item())).item()
+
+    last = rel(ours_states[-1], hf_states[-1])
+    if not last <= ATOL:
+        raise MLCDError(f"{where}: last hidden state differs by {last:.3g} (> {ATOL}) although every "
+                        f"class-token cosine is above {COS_MIN}")
+    pooled = rel(ours_pooled, hf_pooled)
+    if not pooled <= ATOL:
+        raise MLCDError(f"{where}: pooled output differs by {pooled:.3g} (> {ATOL})")
+    return {"min_cls_cosine": worst, "last_hidden_max_rel_diff": last, "pooled_max_rel_diff": pooled}
+
+
+def verify_against(model, hf_model, image_size: int, where: str, *, height: Optional[int] = None,
+                   width: Optional[int] = None, seed: int = 0) -> dict:
+    """Run our model and a transformers model on the same fixed random input and compare."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(2, 3, height or image_size, width or image_size, generator=g)
+    with torch.no_grad():
+        ours = model.float().eval().forward_hidden_states(pixels)
+        ours_pooled = model._pool(ours[-1])
+        hf_states, hf_pooled = _hf_outputs(hf_model.float().eval(), pixels, model.proj is not None)
+    if model.proj is not None and model.config.pos_embed == "rope2d":
+        hf_pooled = hf_pooled @ model.proj  # MLCDVisionModel has no projection; compare after ours
+    return compare_outputs(ours, ours_pooled, hf_states, hf_pooled, where)
+
+
+# --------------------------------------------------------------------------- folders
+def _tmp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.{os.getpid()}.tmp"
+
+
+def _publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` folder to ``out`` (replacing it only when ``overwrite``)."""
+    if out.exists():
+        if not overwrite:
+            raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.{os.getpid()}.old"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  image_size: Optional[int] = None, num_heads: Optional[int] = None, act: Optional[str] = None,
+                  overwrite: bool = False, verify: bool = True) -> dict:
+    """Write a Hugging Face directory for a native export; returns the report (config, checks)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
+    sd, meta = load_native(checkpoint_path)
+    cfg = resolve_config(sd, meta, str(checkpoint_path), image_size=image_size, heads=num_heads, act=act)
+    model = build_and_load(cfg, sd, str(checkpoint_path))
+    cfg = dict(vars(model.config))
+    hf_cls = hf_class_for(cfg)
+    hf_model = hf_cls(hf_config_for(cfg))
+    hf_sd = native_to_hf_state_dict({k: v.float() for k, v in model.state_dict().items()}, cfg,
+                                    hf_prefix(hf_model.state_dict()))
+    hf_model.load_state_dict(hf_sd, strict=True)
+    dtype = next(iter(sd.values())).dtype
+    if dtype != torch.float32:
+        hf_model.to(dtype)
+
+    tmp = _tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        hf_model.save_pretrained(tmp)
+        image_processor_for(cfg["image_size"]).save_pretrained(tmp)
+        if cfg["pos_embed"] == "rope2d" and model.proj is not None:
+            from safetensors.torch import save_file
+
+            save_file({"proj": model.proj.detach().to(dtype).contiguous()}, str(tmp / PROJ_FILE))
+        report = {"model_config": cfg, "hf_class": hf_cls.__name__}
+        if verify:
+            loaded = hf_cls.from_pretrained(tmp, dtype=torch.float32)
+            ref = model if dtype == torch.float32 else build_and_load(
+                cfg, {k: v.to(dtype).float() for k, v in sd.items()}, str(checkpoint_path))
+            report["checks"] = verify_against(ref, loaded, cfg["image_size"], f"{out} vs {checkpoint_path}")
+        _publish_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise MLCDError(f"{hf_dir}: not a Hugging Face model folder (no config.json)")
+    return load_json(cfg_path)
+
+
+def _hf_weight_keys(hf_dir: Path) -> Optional[list[str]]:
+    """Tensor names of a Hugging Face folder's safetensors weights (None if not safetensors)."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return list(load_json(index).get("weight_map", {}))
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise MLCDError(f"{single}: not a readable safetensors file ({exc})") from None
+    return None
+
+
+def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Optional[str] = None):
+    """Our VisionTransformer from a Hugging Face MLCD or CLIP vision directory (returns the model)."""
+    import transformers
+
+    hf_dir = Path(hf_dir)
+    raw = _read_hf_config(hf_dir)
+    model_type = raw.get("model_type")
+    if model_type == "mlcd_vision_model":
+        hf_cls, pos_embed = transformers.MLCDVisionModel, "rope2d"
+    elif model_type in ("clip_vision_model", "clip"):
+        keys = _hf_weight_keys(hf_dir)
+        with_proj = keys is None or any(k.endswith("visual_projection.weight") for k in keys)
+        hf_cls = transformers.CLIPVisionModelWithProjection if with_proj else transformers.CLIPVisionModel
+        pos_embed = "abs"
+    else:
+        raise MLCDError(f"{hf_dir}/config.json: model_type {model_type!r} is not an MLCD or CLIP vision model "
+                        f"(expected 'mlcd_vision_model', 'clip_vision_model' or 'clip')")
+    try:
+        hf_model, info = hf_cls.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise MLCDError(f"{hf_dir}: transformers cannot load it as {hf_cls.__name__}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    missing = set(info.get("missing_keys", ()))
+    hc = hf_model.config
+    for key in missing - {"visual_projection.weight"}:
+        raise MLCDError(f"{hf_dir}: weights lack {key!r}")
+    act = hc.hidden_act
+    if act not in ("gelu", "quick_gelu"):
+        raise MLCDError(f"{hf_dir}/config.json: hidden_act {act!r} is not supported (gelu or quick_gelu)")
+    if abs(hc.layer_norm_eps - 1e-5) > 1e-12:
+        raise MLCDError(f"{hf_dir}/config.json: layer_norm_eps {hc.layer_norm_eps} (the towers use 1e-5)")
+    if getattr(hc, "num_key_value_groups", 1) != 1:
+        raise MLCDError(f"{hf_dir}/config.json: num_key_value_groups {hc.num_key_value_groups} is not supported")
+
+    def one(v, key):
+        if isinstance(v, (list, tuple)):
+            if len(set(v)) != 1:
+                raise MLCDError(f"{hf_dir}/config.json: non-square {key} {v} is not supported")
+            v = v[0]
+        return int(v)
+
+    hf_sd = hf_model.state_dict()
+    has_proj = "visual_projection.weight" in hf_sd and "visual_projection.weight" not in missing
+    if not has_proj:
+        hf_sd.pop("visual_projection.weight", None)
+    proj = None
+    if pos_embed == "rope2d" and (hf_dir / PROJ_FILE).is_file():
+        from safetensors.torch import load_file
+
+        proj = load_file(str(hf_dir / PROJ_FILE))["proj"].float()
+    output_dim = hc.projection_dim if has_proj else (int(proj.shape[1]) if proj is not None else None)
+    cfg = dict(name=name or hf_dir.name, image_size=one(hc.image_size, "image_size"),
+               patch_size=one(hc.patch_size, "patch_size"), width=hc.hidden_size, layers=hc.num_hidden_layers,
+               heads=hc.num_attention_heads, mlp_ratio=hc.intermediate_size / hc.hidden_size,
+               pos_embed=pos_embed, output_dim=output_dim, act=act)
+    sd = hf_to_native_state_dict(hf_sd, cfg)
+    if proj is not None:
+        sd["proj"] = proj
+    model = build_and_load(cfg, sd, str(hf_dir))
+    if verify:
+        verify_against(model, hf_model, cfg["image_size"], f"import of {hf_dir}")
+    return model
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlcd convert",
+        description="Convert a native MLCD export (mlcd export's X.pt, or a native RoPE2D checkpoint as the "
+                    "public conversion script reads) into a Hugging Face directory: MLCDVisionModel for RoPE2D "
+                    "towers, CLIPVisionModel / CLIPVisionModelWithProjection for learned absolute positions; "
+                    "safetensors weights and a CLIPImageProcessor config. The written directory is reloaded "
+                    "with transformers and checked against our model (class-token cosine > 0.9999 at every "
+                    "layer, last hidden state within 1e-4); on failure nothing is left behind and the command "
+                    "exits non-zero. With --from-hf DIR --out X.pt it imports a Hugging Face MLCD or CLIP "
+                    "vision directory into our native format instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint_path", "--checkpoint-path", help="native export X.pt (its X.json sidecar is used "
+                   "when present) or an mlcd trainer checkpoint model.pt")
+    p.add_argument("--pytorch_dump_folder_path", "--pytorch-dump-folder-path", "--out_dir",
+                   help="Hugging Face output directory (written through a temporary folder)")
+    p.add_argument("--image_size", "--image-size", type=int, default=None,
+                   help="input size in pixels; needed for a RoPE2D checkpoint without sidecar, must match the "
+                        "position table for absolute positions (default: from the sidecar or the tensors)")
+    p.add_argument("--num_heads", "--num-heads", type=int, default=None,
+                   help="attention heads (default: sidecar; RoPE2D: width / (2 * len(class_pos_emb)); "
+                        "abs: width / 64)")
+    p.add_argument("--act", choices=("gelu", "quick_gelu"), default=None,
+                   help="MLP activation (default: sidecar, else gelu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory / file")
+    p.add_argument("--no_verify", "--no-verify", action="store_true",
+                   help="skip reloading and comparing (not recommended)")
+    p.add_argument("--from-hf", "--from_hf", dest="from_hf", default=None,
+                   help="import: a Hugging Face MLCDVisionModel or CLIP vision directory to convert to our "
+                        "native format (needs --out)")
+    p.add_argument("--out", default=None, help="import: output native export X.pt (sidecar X.json beside it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_hf:
+        if not args.out:
+            parser.error("--from-hf needs --out X.pt")
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
+        model = import_from_hf(args.from_hf, verify=not args.no_verify)
+        from mlcd_train.models import model_config_to_dict
+
+        save_native(model.state_dict(), model_config_to_dict(model), out, source=str(args.from_hf))
+        c = model.config
+        print(f"imported {args.from_hf} ({c.pos_embed}, width {c.width}, {c.layers} layers, {c.image_size} px) "
+              f"to {out}")
+        return 0
+    if not args.checkpoint_path or not args.pytorch_dump_folder_path:
+        parser.error("give --checkpoint_path and --pytorch_dump_folder_path (or --from-hf DIR --out X.pt)")
+    if args.num_heads is not None and args.num_heads <= 0:
+        raise MLCDError(f"--num_heads must be positive, got {args.num_heads}")
+    report = convert_to_hf(args.checkpoint_path, args.pytorch_dump_folder_path, image_size=args.image_size,
+                           num_heads=args.num_heads, act=args.act, overwrite=args.overwrite,
+                           verify=not args.no_verify)
+    c = report["model_config"]
+    msg = (f"wrote {report['hf_class']} ({c['pos_embed']}, width {c['width']}, {c['layers']} layers, "
+           f"{c['heads']} heads, {c['image_size']} px) to {args.pytorch_dump_folder_path}")
+    if "checks" in report:
+        k = report["checks"]
+        msg += (f"; verified: min class-token cosine {k['min_cls_cosine']:.7f}, last hidden state max rel diff "
+                f"{k['last_hidden_max_rel_diff']:.2e}")
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    from mlcd_train.cli import run_stage
+
+    sys.exit(run_stage("convert", sys.argv[1:]))
+
+
+__all__ = ["convert_to_hf", "import_from_hf", "native_to_hf_state_dict", "hf_to_native_state_dict",
+           "hf_prefix", "hf_config_for", "hf_class_for", "image_processor_for", "verify_against", "compare_outputs"]
