@@ -1,0 +1,470 @@
+"""``mlcd train``: MLCD / Unicom / MLC pretraining of a ViT, on one process or under torchrun.
+
+    torchrun --nnodes N --nproc_per_node G -m mlcd_train.train --config vit_b32_paper \\
+        output_dir=runs/b32 data.shards=SHARDS data.labels=LABELS train.steps=100000
+    mlcd train --config fashion_mnist_tiny output_dir=runs/tiny      # one process
+
+What a step does: every rank takes ``train.global_batch_size / world_size`` images from its
+seeded, resampled share of the shards (joined to their labels by key), the backbone (DDP)
+embeds them, PartialFC computes the global-mean loss over the sampled class centres, the
+backbone gradient is clipped, AdamW (no decay on norms, biases, embeddings) and the centre
+optimiser step, and the learning rate follows warm-up + cosine.  bf16 autocast on GPU.
+
+Faults:
+- Checkpoints every ``train.save_every`` steps and at the end (``OUT/checkpoints``); each
+  file through a temporary name, ``meta.json`` last; the last ``train.keep_last`` kept.
+- ``resume=auto`` (default) continues from the newest complete checkpoint in OUT, with the
+  very same data order, augmentation and negative sampling as an uninterrupted run (all are
+  functions of (seed, rank, step / stream position)), so the weights match.  Resuming with
+  another number of ranks re-splits the class centres; the data order then differs.
+- SIGTERM / SIGUSR1: the flag is agreed between ranks (all-reduce, max) at the next step
+  boundary, every rank saves that step and the run exits with status 0.
+- Non-finite loss or gradient norm: the optimiser step is skipped (the data and the
+  schedule move on), counted in ``skipped_steps``; after ``train.max_nonfinite_steps``
+  in a row the run stops with an error (the last checkpoint is intact).
+- Corrupt samples are skipped by the reader and counted; past
+  ``data.max_corrupt_fraction`` of the samples seen the run stops with an error.
+
+Logs: ``OUT/metrics.jsonl`` (step, loss, lr, img_per_s, data_wait, grad_norm, ...),
+tensorboard scalars in ``OUT/tb``, a progress bar on rank 0; ``OUT/config.yaml`` is the
+resolved config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mlcd_train import config as C
+from mlcd_train.trainer import checkpoint as ck
+from mlcd_train.trainer.data import (SyntheticBatches, build_shard_loader, check_labels, labels_meta,
+                                     mix_seed)
+from mlcd_train.trainer.optim import build_optimizer, lr_factor, set_lr
+from mlcd_train.utils.dist import DistInfo, barrier, init_distributed
+from mlcd_train.utils.errors import MLCDError
+
+EPILOG = """\
+Configs: --config takes a YAML file or a preset name of configs/ (%(presets)s).
+Overrides: dotted key=value pairs after the options, values in YAML, e.g.
+  train.steps=500 train.global_batch_size=256 optim.lr=5e-4 data.num_workers=8
+  model.name=ViT-B-16-224 model.overrides={pos_embed: rope2d} loss.name=unicom loss.l=1
+Keys the run needs: output_dir, data.shards, data.labels (the `mlcd assign` folder),
+train.steps, train.global_batch_size; loss.num_classes comes from LABELS/meta.json.
+
+Multi-GPU / multi-node: launch with torchrun (see launch/README.md); without torchrun or
+SLURM variables the trainer runs as one process.  resume=auto (default) continues from
+the newest complete checkpoint in output_dir; resume=none starts over; resume=PATH loads
+that checkpoint folder.  SIGTERM or SIGUSR1 saves at the next step and exits 0.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = ", ".join(sorted(p.stem for p in C.CONFIGS_DIR.glob("*.yaml"))) if C.CONFIGS_DIR.is_dir() else ""
+    p = argparse.ArgumentParser(
+        prog="mlcd train", description="Train a ViT with the MLCD (multi-label cluster discrimination) loss.",
+        epilog=EPILOG % {"presets": presets or "none"}, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", default=None, help="YAML config file or preset name in configs/")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; read at step boundaries."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def agree_stop(local: bool, info: DistInfo) -> bool:
+    if not info.distributed:
+        return local
+    t = torch.tensor([1.0 if local else 0.0], device=info.device if info.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_sum(values: list[float], info: DistInfo) -> list[float]:
+    if not info.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device if info.backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class MetricsLog:
+    """``OUT/metrics.jsonl`` (append, one object per logged step) and tensorboard scalars."""
+
+    def __init__(self, out: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if start_step > 0 and self.path.is_file():  # drop lines past the checkpoint we resumed from
+            from mlcd_train.utils.io import atomic_write_text
+
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= start_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+        elif start_step == 0 and self.path.is_file():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        step = rec["step"]
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            self.tb.close()
+
+
+def unwrap_state_dict(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = C.build_config(args.config, args.overrides)
+    if args.print_config:
+        print(C.to_yaml(cfg), end="")
+        return 0
+    info = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        from mlcd_train.utils.dist import cleanup
+
+        cleanup()
+
+
+class Trainer:
+    def __init__(self, cfg: C.Config, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        meta = None
+        if not cfg.data.synthetic:
+            if cfg.data.labels and not (Path(cfg.data.labels) / "meta.json").is_file():
+                raise MLCDError(f"config key 'data.labels': {cfg.data.labels}/meta.json not found "
+                                "(is this a folder written by `mlcd assign`?)")
+            meta = labels_meta(cfg.data.labels) if cfg.data.labels else None
+        C.validate(cfg, info.world_size, meta)
+        self.out = Path(cfg.output_dir)
+        self.ckdir = self.out / "checkpoints"
+        self.batch = cfg.train.global_batch_size // info.world_size
+
+    # ------------------------------------------------------------------ setup
+    def _build_model(self):
+        from mlcd_train.models import create_model, model_config_to_dict
+
+        cfg, info = self.cfg, self.info
+        overrides = dict(cfg.model.overrides)
+        if cfg.data.image_size and "image_size" not in overrides:
+            overrides["image_size"] = cfg.data.image_size
+        torch.manual_seed(cfg.seed)
+        core = create_model(cfg.model.name, **overrides).to(info.device)
+        if cfg.model.grad_checkpointing:
+            core.set_grad_checkpointing(True)
+        self.core = core
+        self.model_config = model_config_to_dict(core)
+        self.image_size = core.config.image_size
+        emb = cfg.loss.embedding_size or core.embed_dim
+        if emb != core.embed_dim:
+            raise MLCDError(f"config key 'loss.embedding_size': {emb} differs from the model's output size "
+                            f"{core.embed_dim}")
+        model = core
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(core, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        self.model = torch.compile(model) if cfg.model.compile else model
+        return emb
+
+    def _build_pfc(self, emb: int):
+        from mlcd_train import partial_fc as P
+
+        lc = self.cfg.loss
+        self.pfc = P.PartialFC(emb, lc.num_classes, sample_rate=lc.sample_rate, scale=lc.scale,
+                               margin=lc.margin, margin_type=lc.margin_type, loss=lc.name, seed=self.cfg.seed,
+                               device=self.info.device)
+        oc = self.cfg.optim
+        self.pfc_lr = oc.pfc_lr if oc.pfc_lr is not None else oc.lr
+        wd = oc.pfc_weight_decay if oc.pfc_weight_decay is not None else oc.weight_decay
+        self.pfc_opt = self.pfc.make_optimizer(self.pfc_lr, weight_decay=wd, betas=tuple(oc.betas), eps=oc.eps,
+                                               kind="adamw")
+
+    def _build_data(self, start_step: int):
+        cfg = self.cfg
+        if cfg.data.synthetic:
+            self.corrupt_source = None
+            return SyntheticBatches(cfg.data.synthetic_batches, self.batch, self.image_size, cfg.loss.num_classes,
+                                    cfg.loss.l, cfg.seed, self.info.rank, start=start_step)
+        loader, ds = build_shard_loader(cfg, self.info.rank, self.info.world_size, self.batch, start_step,
+                                        self.image_size, pin_memory=self.info.device.type == "cuda")
+        self.corrupt_source = ds
+        return iter(loader)
+
+    def _check_data(self):
+        cfg = self.cfg
+        if cfg.data.synthetic or not self.info.is_main:
+            return
+        from mlcd_train.data.reader import list_shards
+
+        shards = list_shards(cfg.data.shards)
+        if not shards:
+            raise MLCDError(f"config key 'data.shards': no shards found in {cfg.data.shards}")
+        sizes = None
+        sizes_path = Path(cfg.data.shards) / "sizes.json"
+        if sizes_path.is_file():
+            sizes = json.loads(sizes_path.read_text())
+        check_labels(shards, cfg.data.labels, sizes, cfg.loss.l, cfg.data.check_keys_shards)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_folder(self) -> Path | None:
+        r = self.cfg.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            return ck.latest_complete(self.ckdir)
+        p = Path(r)
+        if not (p / "meta.json").is_file():
+            raise MLCDError(f"config key 'resume': {p} is not a complete checkpoint folder (no meta.json)")
+        return p
+
+    def _load(self, folder: Path) -> dict:
+        from mlcd_train import partial_fc as P
+
+        info = self.info
+        try:
+            m = ck.load(folder, "model.pt")
+            self.core.load_state_dict(m["state_dict"])
+        except (RuntimeError, KeyError) as exc:
+            raise MLCDError(f"{folder}/model.pt: does not fit model {self.cfg.model.name} ({exc})") from None
+        self.opt.load_state_dict(ck.load(folder, "optimizer.pt"))
+        P.load_partial_fc(self.pfc, folder, self.pfc_opt)
+        st = ck.load(folder, "trainer_state.pt")
+        if st["world_size"] == info.world_size:
+            ck.set_rng_state(st["rng"][info.rank])
+        elif info.is_main:
+            print(f"mlcd train: resuming a {st['world_size']}-rank checkpoint on {info.world_size} ranks: "
+                  "class centres re-split; the data order differs from the original run", file=sys.stderr)
+        return st
+
+    def _save(self, step: int) -> None:
+        from mlcd_train import partial_fc as P
+
+        info = self.info
+        folder = ck.step_dir(self.ckdir, step)
+        if (folder / "meta.json").is_file():
+            return
+        if info.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        barrier()
+        P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
+        rngs = gather_objects(ck.rng_state(), info)
+        if info.is_main:
+            state = {"step": step, "samples_seen": step * self.cfg.train.global_batch_size,
+                     "world_size": info.world_size, "batch_per_rank": self.batch,
+                     "data_batches_consumed": step, "skipped_steps": self.skipped,
+                     "corrupt": self.corrupt_total, "rng": rngs,
+                     "schedule": {"name": self.cfg.optim.schedule, "warmup_steps": self.cfg.optim.warmup_steps,
+                                  "total": self.cfg.train.steps}}
+            ck.save_main_files(folder, step, unwrap_state_dict(self.core), self.model_config,
+                               self.opt.state_dict(), state)
+        barrier()
+        if info.is_main:
+            ck.write_meta(folder, {"step": step, "world_size": info.world_size,
+                                   "samples_seen": step * self.cfg.train.global_batch_size,
+                                   "model": self.cfg.model.name, "time": time.time()})
+            ck.prune(self.ckdir, self.cfg.train.keep_last)
+        barrier()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> int:
+        cfg, info = self.cfg, self.info
+        emb = self._build_model()
+        self._build_pfc(emb)
+        self.opt = build_optimizer(self.core, cfg.optim, info.device)
+        self.skipped, self.corrupt_total = 0, 0
+        self._check_data()
+        barrier()
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            removed = ck.clean_incomplete(self.ckdir)
+            for p in removed:
+                print(f"mlcd train: removed incomplete checkpoint {p}", file=sys.stderr)
+            C.save_config(cfg, self.out / "config.yaml")
+        barrier()
+        start = 0
+        folder = self._resume_folder()
+        if folder is not None:
+            st = self._load(folder)
+            start = int(st["step"])
+            self.skipped = int(st.get("skipped_steps", 0))
+            if info.is_main:
+                print(f"mlcd train: resumed from {folder} (step {start})", file=sys.stderr)
+        total = cfg.train.steps
+        if start >= total:
+            if info.is_main:
+                print(f"mlcd train: already at step {start} of {total}; nothing to do", file=sys.stderr)
+            return 0
+        data = self._build_data(start)
+        log = MetricsLog(self.out, start, info.is_main)
+        stop = StopFlag()
+        stop.install()
+        try:
+            return self._loop(data, start, total, log, stop)
+        finally:
+            stop.restore()
+            log.close()
+
+    def _loop(self, data, start: int, total: int, log: MetricsLog, stop: StopFlag) -> int:
+        from mlcd_train.utils.progress import progress
+
+        cfg, info = self.cfg, self.info
+        dev = info.device
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+               if dev.type == "cuda" and cfg.train.precision == "bf16" else nullcontext())
+        params = [p for p in self.core.parameters() if p.requires_grad]
+        clip = cfg.optim.clip_grad_norm
+        opts = [(self.opt, cfg.optim.lr), (self.pfc_opt, self.pfc_lr)]
+        nonfinite_run = 0
+        bar = progress(total=total, initial=start, desc="train", unit="step", rank=info.rank)
+        win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
+        win_loss, win_norm = 0.0, 0.0
+        step = start
+        while step < total:
+            t0 = time.perf_counter()
+            images, labels = next(data)
+            win_wait += time.perf_counter() - t0
+            images = images.to(dev, non_blocking=True)
+            labels = labels.to(dev, non_blocking=True)
+            factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+            set_lr(opts, factor)
+            # negative sampling and any other torch randomness: a function of (seed, step, rank)
+            torch.manual_seed(mix_seed(cfg.seed, step, info.rank))
+            self.pfc.generator.manual_seed(mix_seed(cfg.seed, step, info.rank, 0xFC))
+            with amp:
+                emb = self.model(images)
+            loss = self.pfc(emb.float(), labels)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            loss_v, gnorm_v = float(loss.detach()), float(gnorm)
+            if math.isfinite(loss_v) and math.isfinite(gnorm_v):
+                self.opt.step()
+                self.pfc_opt.step()
+                nonfinite_run = 0
+                win_loss += loss_v
+                win_norm += gnorm_v
+            else:
+                self.skipped += 1
+                nonfinite_run += 1
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise MLCDError(f"train: loss or gradient norm not finite for {nonfinite_run} steps in a row "
+                                    f"(step {step + 1}; limit train.max_nonfinite_steps="
+                                    f"{cfg.train.max_nonfinite_steps}); lower optim.lr or check the data. "
+                                    f"The last checkpoint in {self.ckdir} is intact.")
+            self.opt.zero_grad(set_to_none=True)
+            self.pfc_opt.zero_grad(set_to_none=True)
+            step += 1
+            win_steps += 1
+            bar.update(1)
+            stopping = agree_stop(stop.signum != 0, info)
+            if step % cfg.train.log_every == 0 or step == total or stopping:
+                self._log(log, bar, step, total, factor, win_t0, win_wait, win_steps, win_loss, win_norm,
+                          nonfinite_run)
+                win_t0, win_wait, win_steps, win_loss, win_norm = time.perf_counter(), 0.0, 0, 0.0, 0.0
+            if stopping or step % cfg.train.save_every == 0 or step == total:
+                self._save(step)
+                win_t0 = time.perf_counter()  # img/s measures training, not saving
+            if stopping:
+                bar.close()
+                if info.is_main:
+                    print(f"mlcd train: stop signal received; saved step {step} in {self.ckdir}; exiting",
+                          file=sys.stderr)
+                return 0
+        bar.close()
+        if info.is_main:
+            print(f"mlcd train: done, {total} steps; checkpoints in {self.ckdir}", file=sys.stderr)
+        return 0
+
+    def _corrupt(self) -> tuple[int, int]:
+        src = getattr(self, "corrupt_source", None)
+        if src is None or not hasattr(src, "corrupt_count"):
+            return 0, 0
+        return int(src.corrupt_count()), int(src.seen_count())
+
+    def _log(self, log, bar, step, total, factor, t0, wait, nsteps, loss_sum, norm_sum, nonfinite_run):
+        cfg, info = self.cfg, self.info
+        dt = max(time.perf_counter() - t0, 1e-9)
+        good = max(1, nsteps - min(nsteps, nonfinite_run))
+        corrupt, seen = self._corrupt()
+        loss_m, norm_m, wait, corrupt, seen = all_sum([loss_sum / good, norm_sum / good, wait / dt,
+                                                       float(corrupt), float(seen)], info)
+        ws = info.world_size
+        self.corrupt_total = int(corrupt)
+        if seen > 0 and corrupt / seen > cfg.data.max_corrupt_fraction:
+            raise MLCDError(f"data.shards: {int(corrupt)} corrupt samples out of {int(seen)} read "
+                            f"({corrupt / seen:.2%}) exceeds data.max_corrupt_fraction="
+                            f"{cfg.data.max_corrupt_fraction}")
+        rec = {"step": step, "loss": loss_m / ws, "lr": cfg.optim.lr * factor,
+               "img_per_s": nsteps * cfg.train.global_batch_size / dt, "data_wait": wait / ws,
+               "grad_norm": norm_m / ws, "skipped_steps": self.skipped, "corrupt_samples": int(corrupt),
+               "samples_seen": step * cfg.train.global_batch_size}
+        log.log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}",
+                        wait=f"{rec['data_wait']:.1%}", refresh=False)
+
+
+if __name__ == "__main__":
+    from mlcd_train.cli import run_stage
+
+    sys.exit(run_stage("train", sys.argv[1:]))
