@@ -254,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         raise MLCDError(f"{os.path.join(args.emb, store.META)}: embeddings made with {emb.embedder!r}, "
                         f"but the centres {args.centroids} come from {cmeta['embedder']!r}")
     meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path) and not args.overwrite:
-        old = load_json(meta_path)
-        same = (old.get("k"), old.get("topk"), old.get("centroids"), old.get("threshold")) == (
-            k, L, store.resolve(args.centroids), args.threshold)
-        if not same:
-            raise MLCDError(f"{meta_path}: {args.out} holds labels of another run (k={old.get('k')}, "
-                            f"topk={old.get('topk')}, centroids={old.get('centroids')}, "
-                            f"threshold={old.get('threshold')}); use --overwrite or another --out")
+    settings = (k, L, store.resolve(args.centroids), args.threshold)
+    old = load_json(meta_path) if os.path.exists(meta_path) else None
+    same_run = old is not None and (old.get("k"), old.get("topk"), old.get("centroids"),
+                                    old.get("threshold")) == settings
+    if old is not None and not same_run and not args.overwrite:
+        raise MLCDError(f"{meta_path}: {args.out} holds labels of another run (k={old.get('k')}, "
+                        f"topk={old.get('topk')}, centroids={old.get('centroids')}, "
+                        f"threshold={old.get('threshold')}); use --overwrite or another --out")
 
     backend = pick_backend(args.backend, args.gpu)
     searcher = make_searcher(cent, backend=backend, approx=args.approx, nlist=args.nlist or None,
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     base_meta = {"k": k, "topk": L, "centroids": store.resolve(args.centroids), "embedder": emb.embedder,
                  "emb": store.resolve(args.emb), "threshold": args.threshold, "dim": d,
                  "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
-    if info.is_main and (args.overwrite or not os.path.exists(meta_path)):
+    if info.is_main and not same_run:
         # written first (complete=false), so a rerun with other settings is refused, not mixed in
         atomic_save_json(meta_path, {**base_meta, "complete": False})
     barrier()
