@@ -1,0 +1,563 @@
+"""``mlcd shards``: convert an image corpus into WebDataset tar shards.
+
+Sources (``--format auto`` guesses from ``--input``):
+
+- ``folder``: an image folder, read recursively.  An image inside a first-level subfolder
+  gets that subfolder's name as its ground-truth class (evaluation only); images at the top
+  level have no class.  Hidden files and folders (``.name``) are ignored.
+- ``idx``: an MNIST / Fashion-MNIST IDX images file (``.gz`` or raw).  Its labels file is
+  found beside it by name (``train-images-idx3-ubyte.gz`` -> ``train-labels-idx1-ubyte.gz``);
+  a ``classes.json`` (``{"0": "name", ...}``) beside it gives class names.  Pixels are stored
+  as PNG.
+- ``list``: a text file with ``path`` or ``path<TAB>class`` per line (relative paths are
+  relative to the list file; blank lines and ``#`` comments are ignored).  Classes that are
+  all integers are used as ids; otherwise names are numbered in sorted order.
+- ``sample`` / ``sample:test``: the shipped Fashion-MNIST sample (train / test split);
+  ``fashion-mnist`` / ``fashion-mnist:test``: the full set of the Debian package
+  ``dataset-fashion-mnist``.
+
+Output in ``--out DIR`` (see docs/architecture.md, "Shards"):
+
+- ``PREFIX-000000.tar`` ...: one sample = ``KEY.<ext>`` (the image file's bytes as they are,
+  extension from its real format) + ``KEY.cls`` (decimal class id) when the class is known.
+  Keys are the source path without its extension (``/`` kept, other odd characters -> ``_``),
+  or ``<split>_<index>`` for IDX files; they are unique and stable.
+- ``sizes.json`` (shard -> sample count, written last), ``skipped.json`` (every skipped input
+  with the reason), ``classes.json`` (class id -> name, when names are known).
+
+Every image is decoded once to check it: an empty, unreadable, truncated or non-image file
+is skipped and reported, never fatal.  Images above ``--max-image-pixels`` are skipped too
+(decompression bombs).  The same input and options give byte-identical shards (fixed order,
+fixed tar metadata).  Each shard is written to a temporary name and renamed when complete;
+an interrupted run started again with the same input and options resumes after the last
+complete shard.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from mlcd_train.utils.errors import MLCDError
+from mlcd_train.utils.io import atomic_open, atomic_save_json, load_json, remove_stale_tmp
+from mlcd_train.utils.progress import progress
+
+#: file extensions treated as images when reading a folder or a list file
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"}
+#: tar member extension for each PIL format (the image's real format, not its file name)
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+              "TIFF": "tiff", "PPM": "ppm", "MPO": "jpg"}
+#: PIL's own default; an image with more pixels is skipped (0 disables the bound)
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_MAX_BYTES = 1_000_000_000
+TAR_MTIME = 0  # fixed tar metadata -> byte-identical shards
+PROGRESS_FILE = ".shards-progress.json"
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class _Skip(Exception):
+    """An input that is skipped (the message is the reason)."""
+
+
+@dataclass
+class Item:
+    """One input sample: ``load()`` returns (tar extension, image bytes) or raises _Skip."""
+    key: str
+    cls: Optional[int]
+    source: str  # shown in skipped.json / the summary
+    load: Callable[[], tuple[str, bytes]]
+    stamp: str = ""  # size/mtime of a file, for the resume signature
+
+
+# ----------------------------------------------------------------------------- IDX
+
+def _open_maybe_gz(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise MLCDError(f"{path}: corrupt gzip file ({exc})") from None
+    return data
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST format, gzip or raw) into a numpy array."""
+    path = Path(path)
+    try:
+        data = _open_maybe_gz(path)
+    except OSError as exc:
+        raise MLCDError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise MLCDError(f"{path}: not an IDX file (bad magic number)")
+    ndim = data[3]
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise MLCDError(f"{path}: not an IDX file (bad header)")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    body = data[4 + 4 * ndim:]
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(body) != expected:
+        raise MLCDError(f"{path}: truncated or oversized IDX file ({len(body)} bytes of data, "
+                        f"header {shape} needs {expected})")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def idx_bytes(array: np.ndarray, compress: bool = True) -> bytes:
+    """An unsigned-byte IDX file for ``array`` (gzip with mtime 0, so byte-identical, unless ``compress=False``)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    return gzip.compress(raw, compresslevel=9, mtime=0) if compress else raw
+
+
+def idx_labels_path(images: Path) -> Optional[Path]:
+    """The labels file beside an IDX images file, found by name; None when there is none."""
+    name = images.name
+    candidates = []
+    if "images" in name:
+        candidates.append(name.replace("images", "labels").replace("idx3", "idx1"))
+        candidates.append(name.replace("images", "labels"))
+    for cand in candidates:
+        for variant in (cand, cand[:-3] if cand.endswith(".gz") else cand + ".gz"):
+            p = images.with_name(variant)
+            if p != images and p.is_file():
+                return p
+    return None
+
+
+def _is_idx_file(path: Path) -> bool:
+    if re.search(r"idx\d-ubyte(\.gz)?$", path.name):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and 1 <= head[3] <= 4
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _idx_items(images_path: Path, class_names: Optional[dict] = None) -> tuple[list[Item], Optional[dict]]:
+    images = read_idx(images_path)
+    if images.ndim not in (3, 4) or images.dtype != np.uint8:
+        raise MLCDError(f"{images_path}: expected unsigned-byte images [n, h, w] or [n, h, w, c], "
+                        f"got {images.dtype} {images.shape}")
+    labels_path = idx_labels_path(images_path)
+    labels = None
+    if labels_path is not None:
+        labels = read_idx(labels_path)
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise MLCDError(f"{labels_path}: {labels.shape} labels for {len(images)} images "
+                            f"in {images_path}")
+    else:
+        print(f"mlcd shards: no labels file beside {images_path}; samples get no class", file=sys.stderr)
+    if class_names is None:
+        beside = images_path.with_name("classes.json")
+        if beside.is_file():
+            class_names = {int(k): v for k, v in load_json(beside).items()}
+    stem = re.split(r"[-_.]images", images_path.name)[0] or "idx"
+    stem = _sanitize(stem)
+    width = max(6, len(str(len(images) - 1)))
+    items = []
+    for i in range(len(images)):
+        cls = int(labels[i]) if labels is not None else None
+        items.append(Item(key=f"{stem}_{i:0{width}d}", cls=cls, source=f"{images_path}[{i}]",
+                          load=(lambda i=i: ("png", _png_bytes(images[i])))))
+    return items, class_names
+
+
+# ----------------------------------------------------------------------------- files
+
+def _sanitize(text: str) -> str:
+    text = re.sub(r"[^A-Za-z0-9_\-/]", "_", text).strip("/")
+    return re.sub(r"/+", "/", text) or "_"
+
+
+def _file_loader(path: Path) -> Callable[[], tuple[str, bytes]]:
+    def load():
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise _Skip(f"unreadable file ({exc.strerror or exc})") from None
+        return path.suffix.lower().lstrip("."), data
+    return load
+
+
+def _stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "?"
+
+
+def _unique_keys(raw: list[str]) -> list[str]:
+    """Make keys unique in listing order: a repeated key gets ``_2``, ``_3``, ..."""
+    seen: set[str] = set()
+    out = []
+    for k in raw:
+        key, n = k, 1
+        while key in seen:
+            n += 1
+            key = f"{k}_{n}"
+        seen.add(key)
+        out.append(key)
+    return out
+
+
+def _folder_items(root: Path, skipped: list) -> tuple[list[Item], Optional[dict]]:
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: skipped.append(
+            {"path": str(e.filename), "reason": f"unreadable folder ({e.strerror})"})):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                files.append(Path(dirpath) / name)
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    images = []
+    for p in files:
+        if p.suffix.lower().lstrip(".") in IMAGE_EXTS:
+            images.append(p)
+        else:
+            skipped.append({"path": str(p), "reason": "not an image file extension"})
+    rels = [p.relative_to(root) for p in images]
+    class_dirs = sorted({r.parts[0] for r in rels if len(r.parts) > 1})
+    class_ids = {name: i for i, name in enumerate(class_dirs)}
+    keys = _unique_keys([_sanitize(r.with_suffix("").as_posix()) for r in rels])
+    items = [Item(key=k, cls=class_ids[r.parts[0]] if len(r.parts) > 1 else None, source=str(p),
+                  load=_file_loader(p), stamp=_stamp(p))
+             for k, r, p in zip(keys, rels, images)]
+    names = {i: n for n, i in class_ids.items()} if class_ids else None
+    return items, names
+
+
+def _list_items(list_path: Path, skipped: list) -> tuple[list[Item], Optional[dict]]:
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MLCDError(f"{list_path}: cannot read list file ({exc})") from None
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2:
+            raise MLCDError(f"{list_path}:{lineno}: expected 'path' or 'path<TAB>class', got {len(parts)} fields")
+        p = Path(parts[0].strip())
+        if not p.is_absolute():
+            p = list_path.parent / p
+        entries.append((p, parts[1].strip() if len(parts) == 2 and parts[1].strip() else None))
+    given = [c for _, c in entries if c is not None]
+    names = None
+    if given and all(re.fullmatch(r"-?\d+", c) for c in given):
+        to_id = {c: int(c) for c in given}
+    else:
+        ordered = sorted(set(given))
+        to_id = {c: i for i, c in enumerate(ordered)}
+        names = {i: c for c, i in to_id.items()} if ordered else None
+    raw_keys = []
+    for p, _ in entries:
+        try:
+            rel = p.relative_to(list_path.parent)
+        except ValueError:
+            rel = p
+        raw_keys.append(_sanitize(rel.with_suffix("").as_posix()))
+    items = []
+    for key, (p, c) in zip(_unique_keys(raw_keys), entries):
+        loader = _file_loader(p)
+        if p.suffix.lower().lstrip(".") not in IMAGE_EXTS:
+            loader = _skip_loader("not an image file extension")
+        elif not p.is_file():
+            loader = _skip_loader("file not found" if not p.exists() else "not a regular file")
+        items.append(Item(key=key, cls=to_id[c] if c is not None else None, source=str(p),
+                          load=loader, stamp=_stamp(p)))
+    return items, names
+
+
+def _skip_loader(reason: str):
+    def load():
+        raise _Skip(reason)
+    return load
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_image(data: bytes) -> str:
+    """Decode ``data`` fully; returns its PIL format or raises _Skip with the reason."""
+    from PIL import Image
+
+    if not data:
+        raise _Skip("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                im.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _Skip(f"image too large ({exc})") from None
+        except Image.UnidentifiedImageError:
+            raise _Skip("not an image (unidentified format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+            raise _Skip(f"corrupt or truncated image ({exc})") from None
+    return fmt
+
+
+# ----------------------------------------------------------------------------- source
+
+def resolve_input(spec: str, fmt: str) -> tuple[str, Path, Optional[dict]]:
+    """(format, path, known class names) for ``--input`` / ``--format``."""
+    from mlcd_train.data.sample import CLASS_NAMES, fashion_mnist_full_paths, sample_paths
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        alias, _, split = spec.partition(":")
+        if alias in ("sample", "fashion-mnist"):
+            finder = sample_paths if alias == "sample" else fashion_mnist_full_paths
+            images, _ = finder(split or "train")
+            return "idx", images, dict(enumerate(CLASS_NAMES))
+        raise MLCDError(f"{spec}: input not found")
+    if fmt == "auto":
+        if path.is_dir():
+            fmt = "folder"
+        elif _is_idx_file(path):
+            fmt = "idx"
+        elif path.suffix.lower().lstrip(".") in IMAGE_EXTS:
+            raise MLCDError(f"{path}: a single image is not a corpus; give its folder or a list file")
+        else:
+            fmt = "list"
+    if fmt == "folder" and not path.is_dir():
+        raise MLCDError(f"{path}: --format folder needs a folder")
+    if fmt in ("idx", "list") and not path.is_file():
+        raise MLCDError(f"{path}: --format {fmt} needs a file")
+    return fmt, path.resolve(), None
+
+
+def collect_items(fmt: str, path: Path, names: Optional[dict], skipped: list) -> tuple[list[Item], Optional[dict]]:
+    if fmt == "idx":
+        return _idx_items(path, names)
+    if fmt == "folder":
+        return _folder_items(path, skipped)
+    return _list_items(path, skipped)
+
+
+# ----------------------------------------------------------------------------- writer
+
+class _ShardSink:
+    """Writes samples with webdataset's TarWriter into PREFIX-NNNNNN.tar, one temp file + rename per shard."""
+
+    def __init__(self, out: Path, prefix: str, shard_size: int, max_bytes: int, start_shard: int = 0,
+                 on_shard_done: Optional[Callable[[str, int], None]] = None):
+        self.out, self.prefix = out, prefix
+        self.shard_size, self.max_bytes = shard_size, max_bytes
+        self.shard = start_shard
+        self.on_shard_done = on_shard_done
+        self._cm = self._file = self._tar = None
+        self.count = self.bytes = 0
+
+    def _open(self):
+        import webdataset as wds
+
+        name = f"{self.prefix}-{self.shard:06d}.tar"
+        self._name = name
+        self._cm = atomic_open(self.out / name, "wb")
+        self._file = self._cm.__enter__()
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user="mlcd", group="mlcd",
+                                  mode=0o444)
+        self.count = self.bytes = 0
+
+    def _close(self):
+        if self._tar is None:
+            return
+        self._tar.close()  # writes the tar end blocks; the file itself stays open
+        self._tar = None
+        self._cm.__exit__(None, None, None)  # fsync + rename over the final name
+        self._cm = self._file = None
+        self.shard += 1
+        if self.on_shard_done:
+            self.on_shard_done(self._name, self.count)
+
+    def write(self, sample: dict, nbytes: int) -> None:
+        if self._tar is not None and (self.count >= self.shard_size
+                                      or (self.count > 0 and self.bytes + nbytes > self.max_bytes)):
+            self._close()
+        if self._tar is None:
+            self._open()
+        self.bytes += self._tar.write(sample) + 512 * (len(sample) - 1)
+        self.count += 1
+
+    def close(self):
+        self._close()
+
+    def abort(self):
+        if self._cm is not None:
+            with contextlib.suppress(Exception):
+                self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
+        self._cm = self._file = self._tar = None
+
+
+def _signature(args, fmt: str, path: Path, items: list[Item]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([fmt, str(path), args.shard_size, args.max_bytes, args.prefix, args.order, args.seed,
+                         args.max_image_pixels]).encode())
+    for it in items:
+        h.update(f"{it.key}\t{it.cls}\t{it.stamp}\n".encode())
+    return h.hexdigest()
+
+
+def write_shards(args) -> dict:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
+    out = Path(args.out)
+    fmt, path, names = resolve_input(args.input, args.format)
+    listing_skipped: list[dict] = []
+    items, names = collect_items(fmt, path, names, listing_skipped)
+    if not items:
+        raise MLCDError(f"{path}: no image files found" + (
+            f" ({len(listing_skipped)} other files, e.g. {listing_skipped[0]['path']})" if listing_skipped else ""))
+    if args.order == "shuffled":
+        perm = np.random.default_rng(args.seed).permutation(len(items))
+        items = [items[i] for i in perm]
+
+    if (out / "sizes.json").exists() and not args.overwrite:
+        raise MLCDError(f"{out}: already holds shards (sizes.json); pass --overwrite to replace them")
+    sig = _signature(args, fmt, path, items)
+    done, skipped, start = [], list(listing_skipped), 0
+    progress_path = out / PROGRESS_FILE
+    if progress_path.exists() and not (out / "sizes.json").exists():
+        state = load_json(progress_path)
+        if state.get("signature") == sig and all((out / d["name"]).is_file() for d in state["shards"]):
+            done, skipped = state["shards"], state["skipped"]
+            start = done[-1]["consumed"] if done else 0
+            print(f"mlcd shards: resuming after {len(done)} complete shards ({start} inputs done)", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
+
+    pending_skips: list[dict] = []
+    consumed = start
+
+    def shard_done(name, count):
+        done.append({"name": name, "count": count, "consumed": consumed})
+        skipped.extend(pending_skips)
+        pending_skips.clear()
+        atomic_save_json(progress_path, {"signature": sig, "shards": done, "skipped": skipped})
+
+    sink = _ShardSink(out, args.prefix, args.shard_size, args.max_bytes, start_shard=len(done),
+                      on_shard_done=shard_done)
+    try:
+        for item in progress(items[start:], total=len(items) - start, desc="shards", unit="img"):
+            try:
+                ext, data = item.load()
+                real = check_image(data)
+                ext = FORMAT_EXT.get(real, ext or "img")
+            except _Skip as exc:
+                pending_skips.append({"path": item.source, "reason": str(exc)})
+                consumed += 1
+                continue
+            sample = {"__key__": item.key, ext: data}
+            if item.cls is not None:
+                sample["cls"] = str(item.cls).encode("ascii")
+            # the item is counted as consumed before the write so that a shard closed by
+            # this write records the inputs it holds, not this one
+            sink.write(sample, len(data) + 1024)
+            consumed += 1
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    skipped.extend(pending_skips)
+    n_written = sum(d["count"] for d in done)
+    if n_written == 0:
+        with contextlib.suppress(FileNotFoundError):
+            progress_path.unlink()
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        raise MLCDError(f"{path}: no valid image among {len(items)} inputs ({reasons}"
+                        + (", ..." if len(skipped) > 5 else "") + ")")
+
+    new_names = {d["name"] for d in done}
+    for old in out.glob(f"{args.prefix}-*.tar"):
+        if old.name not in new_names and re.fullmatch(re.escape(args.prefix) + r"-\d{6}\.tar", old.name):
+            old.unlink()  # a shard of an earlier, larger run (--overwrite)
+    atomic_save_json(out / "skipped.json", skipped)
+    if names:
+        atomic_save_json(out / "classes.json", {str(k): v for k, v in sorted(names.items())})
+    sizes = {d["name"]: d["count"] for d in done}
+    atomic_save_json(out / "sizes.json", sizes)
+    with contextlib.suppress(FileNotFoundError):
+        progress_path.unlink()
+    return {"out": str(out), "shards": len(sizes), "samples": n_written, "skipped": skipped}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="mlcd shards", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert an image folder, IDX files or a list file into WebDataset tar shards.",
+        epilog=__doc__.split("\n", 2)[2])
+    ap.add_argument("--input", required=True, metavar="SRC",
+                    help="image folder, IDX images file, list file, or 'sample[:test]' / 'fashion-mnist[:test]'")
+    ap.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards")
+    ap.add_argument("--format", choices=["auto", "folder", "idx", "list"], default="auto",
+                    help="input format (default: guessed from SRC)")
+    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                    help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
+    ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="B",
+                    help=f"start a new shard before one would exceed B bytes (default {DEFAULT_MAX_BYTES})")
+    ap.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
+    ap.add_argument("--order", choices=["shuffled", "sorted"], default="shuffled",
+                    help="sample order in the shards: a seeded shuffle (default; class folders get mixed) "
+                         "or the source order (sorted paths / IDX order / list order)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --order shuffled (default 0)")
+    ap.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="P",
+                    help=f"skip images with more than P pixels (PIL.Image.MAX_IMAGE_PIXELS; default "
+                         f"{DEFAULT_MAX_IMAGE_PIXELS}, 0 = no bound)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the shards already in DIR")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.shard_size < 1:
+        raise MLCDError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.max_bytes < 1:
+        raise MLCDError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", args.prefix):
+        raise MLCDError(f"--prefix {args.prefix!r}: use letters, digits, '-' and '_' only")
+    summary = write_shards(args)
+    print(f"mlcd shards: wrote {summary['samples']} samples in {summary['shards']} shards to {summary['out']}")
+    if summary["skipped"]:
+        print(f"mlcd shards: skipped {len(summary['skipped'])} inputs (listed in {summary['out']}/skipped.json):")
+        for s in summary["skipped"]:
+            print(f"  {s['path']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    from mlcd_train.cli import run_stage
+
+    sys.exit(run_stage("shards", sys.argv[1:]))
