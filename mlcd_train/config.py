@@ -56,7 +56,8 @@ class DataConfig:
     image_size: Optional[int] = None    # None: the model's image_size
     num_workers: int = 4                # DataLoader workers per rank
     prefetch_factor: int = 2
-    max_corrupt_fraction: float = 0.01  # stop when corrupt / seen samples exceeds this
+    shuffle_buffer: int = 1000          # records permuted together (seeded) in each worker's stream
+    max_corrupt_fraction: float = 0.01  # stop when a loader worker's corrupt / read samples exceeds this
     check_keys_shards: int = 1          # shards whose keys are checked against the labels before step 1
     synthetic: bool = False             # in-memory random images and labels (benchmarks, smoke tests)
     synthetic_batches: int = 8          # distinct in-memory batches cycled through when synthetic
@@ -79,7 +80,7 @@ class LossConfig:
     sample_rate: float = 0.1            # r: fraction of negative centres sampled per step
     scale: float = 64.0                 # s
     margin: float = 0.3                 # m (positives only)
-    margin_type: str = "arcface"        # arcface: cos(t+m) | cosface: cos(t)-m
+    margin_type: str = "arc"            # arc: cos(t+m) (ArcFace) | cos: cos(t)-m (CosFace)
     embedding_size: Optional[int] = None  # None: the model's output size
 
 
@@ -359,8 +360,8 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
     _need(lo.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}, got {lo.name!r}")
     _need(0.0 < lo.sample_rate <= 1.0, "loss.sample_rate", f"must be in (0, 1], got {lo.sample_rate}")
     _need(lo.l >= 1, "loss.l", f"must be at least 1, got {lo.l}")
-    _need(lo.margin_type in ("arcface", "cosface"), "loss.margin_type",
-          f"must be arcface or cosface, got {lo.margin_type!r}")
+    _need(lo.margin_type in ("arc", "cos"), "loss.margin_type",
+          f"must be arc or cos, got {lo.margin_type!r}")
     _need(o.name in OPTIM_NAMES, "optim.name", f"must be one of {', '.join(OPTIM_NAMES)}, got {o.name!r}")
     _need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

@@ -22,8 +22,9 @@ Faults:
 - Non-finite loss or gradient norm: the optimiser step is skipped (the data and the
   schedule move on), counted in ``skipped_steps``; after ``train.max_nonfinite_steps``
   in a row the run stops with an error (the last checkpoint is intact).
-- Corrupt samples are skipped by the reader and counted; past
-  ``data.max_corrupt_fraction`` of the samples seen the run stops with an error.
+- Corrupt samples are skipped by the reader and counted (``corrupt_samples``); when more
+  than ``data.max_corrupt_fraction`` of the records a loader worker read are corrupt the run
+  stops with an error naming the shard.
 
 Logs: ``OUT/metrics.jsonl`` (step, loss, lr, img_per_s, data_wait, grad_norm, ...),
 tensorboard scalars in ``OUT/tb``, a progress bar on rank 0; ``OUT/config.yaml`` is the
@@ -244,12 +245,10 @@ class Trainer:
     def _build_data(self, start_step: int):
         cfg = self.cfg
         if cfg.data.synthetic:
-            self.corrupt_source = None
             return SyntheticBatches(cfg.data.synthetic_batches, self.batch, self.image_size, cfg.loss.num_classes,
                                     cfg.loss.l, cfg.seed, self.info.rank, start=start_step)
         loader, ds = build_shard_loader(cfg, self.info.rank, self.info.world_size, self.batch, start_step,
                                         self.image_size, pin_memory=self.info.device.type == "cuda")
-        self.corrupt_source = ds
         return iter(loader)
 
     def _check_data(self):
@@ -310,6 +309,8 @@ class Trainer:
         barrier()
         P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
         rngs = gather_objects(ck.rng_state(), info)
+        local_corrupt = sum(c for c, _ in self.worker_stats.values())
+        self.corrupt_total = self.corrupt_offset + int(all_sum([float(local_corrupt)], info)[0])
         if info.is_main:
             state = {"step": step, "samples_seen": step * self.cfg.train.global_batch_size,
                      "world_size": info.world_size, "batch_per_rank": self.batch,
@@ -333,7 +334,8 @@ class Trainer:
         emb = self._build_model()
         self._build_pfc(emb)
         self.opt = build_optimizer(self.core, cfg.optim, info.device)
-        self.skipped, self.corrupt_total = 0, 0
+        self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
+        self.worker_stats: dict[int, tuple[int, int]] = {}
         self._check_data()
         barrier()
         if info.is_main:
@@ -349,6 +351,7 @@ class Trainer:
             st = self._load(folder)
             start = int(st["step"])
             self.skipped = int(st.get("skipped_steps", 0))
+            self.corrupt_total = self.corrupt_offset = int(st.get("corrupt", 0))
             if info.is_main:
                 print(f"mlcd train: resumed from {folder} (step {start})", file=sys.stderr)
         total = cfg.train.steps
@@ -383,8 +386,11 @@ class Trainer:
         step = start
         while step < total:
             t0 = time.perf_counter()
-            images, labels = next(data)
+            batch = next(data)
             win_wait += time.perf_counter() - t0
+            images, labels = batch[0], batch[1]
+            if len(batch) > 2:  # (worker, corrupt, records) of the loader worker that made it
+                self.worker_stats[int(batch[2][-1])] = (int(batch[3][-1]), int(batch[4][-1]))
             images = images.to(dev, non_blocking=True)
             labels = labels.to(dev, non_blocking=True)
             factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
@@ -436,28 +442,17 @@ class Trainer:
             print(f"mlcd train: done, {total} steps; checkpoints in {self.ckdir}", file=sys.stderr)
         return 0
 
-    def _corrupt(self) -> tuple[int, int]:
-        src = getattr(self, "corrupt_source", None)
-        if src is None or not hasattr(src, "corrupt_count"):
-            return 0, 0
-        return int(src.corrupt_count()), int(src.seen_count())
-
     def _log(self, log, bar, step, total, factor, t0, wait, nsteps, loss_sum, norm_sum, nonfinite_run):
         cfg, info = self.cfg, self.info
         dt = max(time.perf_counter() - t0, 1e-9)
         good = max(1, nsteps - min(nsteps, nonfinite_run))
-        corrupt, seen = self._corrupt()
-        loss_m, norm_m, wait, corrupt, seen = all_sum([loss_sum / good, norm_sum / good, wait / dt,
-                                                       float(corrupt), float(seen)], info)
+        corrupt = sum(c for c, _ in self.worker_stats.values())
+        loss_m, norm_m, wait, corrupt = all_sum([loss_sum / good, norm_sum / good, wait / dt, float(corrupt)], info)
         ws = info.world_size
-        self.corrupt_total = int(corrupt)
-        if seen > 0 and corrupt / seen > cfg.data.max_corrupt_fraction:
-            raise MLCDError(f"data.shards: {int(corrupt)} corrupt samples out of {int(seen)} read "
-                            f"({corrupt / seen:.2%}) exceeds data.max_corrupt_fraction="
-                            f"{cfg.data.max_corrupt_fraction}")
+        self.corrupt_total = self.corrupt_offset + int(corrupt)
         rec = {"step": step, "loss": loss_m / ws, "lr": cfg.optim.lr * factor,
                "img_per_s": nsteps * cfg.train.global_batch_size / dt, "data_wait": wait / ws,
-               "grad_norm": norm_m / ws, "skipped_steps": self.skipped, "corrupt_samples": int(corrupt),
+               "grad_norm": norm_m / ws, "skipped_steps": self.skipped, "corrupt_samples": self.corrupt_total,
                "samples_seen": step * cfg.train.global_batch_size}
         log.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}",

@@ -212,7 +212,9 @@ class LabeledStream(IterableDataset):
             x = self.augment(s.image, mix_seed(self.seed, self.rank, pos))
             y = torch.from_numpy(self.labels.get(s.shard, s.key))
             n += 1
-            yield x, y
+            stats = getattr(self.dataset, "stats", None) or {}
+            # the reader's corrupt counters live in this worker: they travel with the batch
+            yield x, y, w, stats.get("corrupt", 0), stats.get("records", 0)
 
 
 def _worker_init(_):
@@ -226,15 +228,15 @@ def _worker_init(_):
 
 def build_shard_loader(cfg, rank: int, world_size: int, batch_size: int, resume_batches: int,
                        image_size: int, pin_memory: bool = False):
-    """The DataLoader of this rank and the ShardDataset behind it (for corrupt counters)."""
+    """The DataLoader of this rank; batches are (images, labels, worker, corrupt, records)."""
     from mlcd_train.data.reader import ShardDataset, list_shards
 
     shards = list_shards(cfg.data.shards)
     ds = ShardDataset(shards, transform=None, rank=rank, world_size=world_size, resampled=True,
-                      seed=cfg.seed)
+                      seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                      max_corrupt_fraction=cfg.data.max_corrupt_fraction)
     nw = cfg.data.num_workers
-    if hasattr(ds, "set_resume"):
-        ds.set_resume(resume_batches, batch_size)
+    ds.set_resume(resume_batches, batch_size)
     stream = LabeledStream(ds, LabelTable(cfg.data.labels, cfg.loss.l), Augment(image_size, cfg.data.aug),
                            cfg.seed, rank, batch_size, resume_batches)
     kw = dict(num_workers=nw, batch_size=batch_size, pin_memory=pin_memory, drop_last=True)
