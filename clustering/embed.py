@@ -1,0 +1,200 @@
+"""``mlcd embed``: embed every image of a shard folder with a teacher model.
+
+    mlcd embed --shards DIR --out EMB --model open_clip:ViT-L-14 --pretrained /models/vitl14.bin
+    mlcd embed --shards DIR --out EMB --model hf:/models/clip-vit-large-patch14
+    mlcd embed --shards DIR --out EMB --model mlcd:runs/exp1          # our own checkpoint/export
+    mlcd embed --shards DIR --out EMB --model pca --dim 64            # weights-free baseline
+    torchrun --nproc-per-node 8 -m clustering.embed ...               # shards split over ranks
+
+Output per shard, in shard order: ``EMB/<shard>.npy`` float16 [n, d] L2-normalised (rows in
+the shard's sample order, corrupt samples left out), ``EMB/<shard>.keys.npy`` (``__key__``
+of each row), ``EMB/<shard>.cls.npy`` int32 (ground-truth class, -1 unknown; only when the
+shard carries classes); ``EMB/meta.json`` (embedder spec and details, dim, per-shard counts;
+``complete`` turns true when every shard is done); for ``pca`` the fitted projection
+``EMB/pca.npz`` (fitted on the first ``--pca-fit-samples`` images, re-used on resume and
+loadable with ``--model pca:EMB/pca.npz`` for another split).
+
+Every file is written atomically; a rerun skips finished shards, ``--overwrite`` redoes them.
+Shards are read by ``--workers`` DataLoader workers, in groups of one shard per worker
+(a crash loses at most one group).  Inference runs under ``torch.inference_mode`` and, on
+CUDA, bf16 autocast (``--no-autocast`` for fp32).  An EMB folder made by another embedder is
+refused unless ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from clustering import store
+from mlcd_train.utils.errors import MLCDError
+from mlcd_train.utils.io import load_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlcd embed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="shard folder, tar, brace pattern (see mlcd shards)")
+    p.add_argument("--out", required=True, help="embeddings folder EMB")
+    p.add_argument("--model", required=True, help="open_clip:NAME | hf:PATH | mlcd:PATH | pca | pca:FILE.npz")
+    p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag or local checkpoint file")
+    p.add_argument("--dim", type=int, default=64, help="pca: output dimension (default 64)")
+    p.add_argument("--image-size", type=int, default=32, help="pca: images resized to S x S (default 32)")
+    p.add_argument("--pca-fit-samples", type=int, default=5000,
+                   help="pca: images the projection is fitted on (the first ones, default 5000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-autocast", action="store_true", help="fp32 on GPU instead of bf16 autocast")
+    p.add_argument("--overwrite", action="store_true", help="redo finished shards (and a pca fit)")
+    return p
+
+
+def _loader(shards, transform, batch_size, workers):
+    from torch.utils.data import DataLoader
+
+    from mlcd_train.data.reader import ShardDataset, collate_samples
+
+    ds = ShardDataset(shards, transform=transform, rank=0, world_size=1)
+    nw = min(workers, len(shards))
+    return DataLoader(ds, batch_size=batch_size, num_workers=nw, collate_fn=collate_samples,
+                      pin_memory=False, persistent_workers=False)
+
+
+def fit_pca(embedder, shards, n: int, batch_size: int, workers: int):
+    """Fit the pca projection on the first ``n`` images of ``shards`` (in shard order)."""
+    from mlcd_train.data.reader import ShardDataset, collate_samples
+    from torch.utils.data import DataLoader
+
+    ds = ShardDataset(shards, transform=embedder.transform, rank=0, world_size=1)
+    batches, seen = [], 0
+    for b in DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_samples):
+        batches.append(b["image"][: n - seen])
+        seen += len(batches[-1])
+        if seen >= n:
+            break
+    return embedder.fit(batches)
+
+
+def embed_group(embedder, group: list[str], out: str, batch_size: int, workers: int, bar=None) -> dict:
+    """Embed whole shards (one per worker), write each, return {shard name: rows}."""
+    import torch
+
+    from mlcd_train.data.reader import shard_name
+
+    buf = {shard_name(s): ([], [], [], [], []) for s in group}  # index, key, cls, emb chunks
+    for b in _loader(group, embedder.transform, batch_size, workers):
+        e = embedder(b["image"])
+        if not torch.isfinite(e).all():
+            row = int((~torch.isfinite(e).all(1)).nonzero()[0])
+            raise MLCDError(f"{b['shard'][row]}: sample {b['key'][row]} (index {int(b['index'][row])}) "
+                            f"embeds to NaN/inf with {embedder.spec}")
+        e = e.cpu().numpy()
+        for j, name in enumerate(b["shard"]):
+            idx, keys, cls, rows, _ = buf[name]
+            idx.append(int(b["index"][j]))
+            keys.append(b["key"][j])
+            cls.append(int(b["cls"][j]))
+            rows.append(e[j])
+        if bar is not None:
+            bar.update(len(e))
+    counts = {}
+    for name, (idx, keys, cls, rows, _) in buf.items():
+        order = np.argsort(np.asarray(idx, dtype=np.int64), kind="stable")
+        x = np.stack(rows)[order] if rows else np.zeros((0, embedder.dim), np.float32)
+        k = np.asarray(keys, dtype=np.str_)[order] if keys else np.zeros(0, dtype="<U1")
+        c = np.asarray(cls, dtype=np.int32)[order]
+        zero = np.linalg.norm(x, axis=1) < 1e-12 if len(x) else np.zeros(0, bool)
+        if zero.any():
+            raise MLCDError(f"{name}: sample {k[zero][0]} embeds to a zero vector with {embedder.spec}")
+        store.write_shard(out, name, x, k, c if (c >= 0).any() else None)
+        counts[name] = len(x)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from clustering.embedders import get_embedder
+    from mlcd_train.data.reader import list_shards, shard_name
+    from mlcd_train.utils.dist import barrier, init_distributed
+    from mlcd_train.utils.progress import progress
+
+    info = init_distributed(device=args.device)
+    shards = list_shards(args.shards)
+    if not shards:
+        raise MLCDError(f"{args.shards}: no shards found")
+    names = [shard_name(s) for s in shards]
+    out = args.out
+    meta_path = os.path.join(out, store.META)
+    old = load_json(meta_path) if os.path.exists(meta_path) else None
+
+    opts = {"device": str(info.device) if args.device is None else args.device}
+    if args.model.startswith("open_clip:"):
+        opts["pretrained"] = args.pretrained
+    pca_path = os.path.join(out, "pca.npz")
+    if args.model == "pca":
+        opts.update(dim=args.dim, image_size=args.image_size)
+        if os.path.exists(pca_path) and not args.overwrite:
+            opts["projection"] = pca_path
+    embedder = get_embedder(args.model, **opts)
+    if args.model == "pca" and "projection" in opts and (embedder.dim, embedder.image_size) != (args.dim, args.image_size):
+        raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {args.dim} was asked "
+                        f"(image size {embedder.image_size} vs {args.image_size}); use --overwrite or another --out")
+    embedder.autocast = not args.no_autocast
+    if old is not None and not args.overwrite and (old.get("embedder") != embedder.spec
+                                                   or int(old.get("dim", -1)) != embedder.dim):
+        raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
+                        f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
+    if embedder.needs_fit:
+        if info.is_main:
+            fit_pca(embedder, shards, args.pca_fit_samples, args.batch_size, args.workers)
+            embedder.save(pca_path)
+        barrier()
+        if not info.is_main:
+            embedder.load(pca_path)
+    describe = embedder.describe()
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+        store.write_meta(out, embedder.spec, embedder.dim, {}, complete=False, embedder_info=describe,
+                         shards=os.path.abspath(args.shards) if isinstance(args.shards, str) else None)
+    barrier()
+
+    mine = shards[info.rank::info.world_size]
+    todo = [s for s in mine if args.overwrite or not store.shard_done(out, shard_name(s))]
+    from mlcd_train.data.reader import read_sizes
+
+    sizes = read_sizes(todo) if todo else {}
+    group = max(1, args.workers)
+    t0 = time.perf_counter()
+    bar = progress(total=sum(sizes.values()) or None, desc=f"embed {embedder.spec}", unit="img")
+    done = 0
+    for g in range(0, len(todo), group):
+        counts = embed_group(embedder, todo[g: g + group], out, args.batch_size, args.workers, bar)
+        done += sum(counts.values())
+    bar.close()
+    seconds = time.perf_counter() - t0
+    barrier()
+    if info.is_main:
+        counts = {}
+        for n in names:
+            if not store.shard_done(out, n):
+                raise MLCDError(f"{os.path.join(out, n + '.npy')}: shard {n} was not embedded (a rank failed?)")
+            counts[n] = store.npy_info(os.path.join(out, f"{n}.npy")).shape[0]
+        store.write_meta(out, embedder.spec, embedder.dim, counts, complete=True, embedder_info=describe,
+                         shards=os.path.abspath(args.shards) if isinstance(args.shards, str) else None,
+                         seconds_rank0=seconds, images_rank0=done, shards_done_this_run_rank0=len(todo),
+                         world_size=info.world_size)
+        print(f"mlcd embed: {sum(counts.values())} images in {len(names)} shards -> {out} "
+              f"({embedder.spec}, dim {embedder.dim}; {len(todo)} shards embedded on rank 0, "
+              f"{done / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    from mlcd_train.cli import run_stage
+
+    sys.exit(run_stage("embed", sys.argv[1:]))

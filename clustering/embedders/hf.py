@@ -1,0 +1,69 @@
+"""``hf:PATH``: a local Hugging Face vision model directory (offline; nothing is downloaded).
+
+Supported: ``CLIPVisionModel`` / ``MLCDVisionModel`` (pooled output), ``CLIPVisionModelWithProjection``
+(image_embeds) and a full ``CLIPModel`` (image features through the visual projection): when a
+visual projection is present it is applied.  Preprocessing: the directory's image processor
+config when present, else CLIP's eval transform at the config's image size.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from clustering.embedders import CLIP_MEAN, CLIP_STD, Embedder, clip_transform
+from mlcd_train.utils.errors import MLCDError
+
+
+class HFEmbedder(Embedder):
+    def __init__(self, path: str, device=None, **_):
+        super().__init__(device)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise MLCDError(f"{path}: not a Hugging Face model directory (no config.json)")
+        import transformers
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        arch = (cfg.architectures or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            cls = transformers.AutoModel
+        try:
+            model = cls.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise MLCDError(f"{path}: cannot load the model ({exc})") from None
+        self.model = model.eval().to(self.device)
+        vcfg = getattr(cfg, "vision_config", cfg)
+        size = int(getattr(vcfg, "image_size", 224))
+        mean, std = CLIP_MEAN, CLIP_STD
+        pp = os.path.join(path, "preprocessor_config.json")
+        if os.path.isfile(pp):
+            import json
+
+            with open(pp) as f:
+                p = json.load(f)
+            mean, std = p.get("image_mean", mean), p.get("image_std", std)
+            crop = p.get("crop_size", size)
+            size = int(crop["height"] if isinstance(crop, dict) else crop)
+        self.transform = clip_transform(size, mean, std)
+        self.kind = type(model).__name__
+        if hasattr(model, "get_image_features"):
+            self.dim = int(cfg.projection_dim)
+        elif hasattr(model, "visual_projection"):
+            self.dim = int(model.visual_projection.out_features)
+        else:
+            self.dim = int(vcfg.hidden_size)
+        self.spec = f"hf:{os.path.abspath(path)}"
+
+    def forward(self, pixels):
+        m = self.model
+        if hasattr(m, "get_image_features"):
+            out = m.get_image_features(pixel_values=pixels)
+            return out if torch.is_tensor(out) else out.pooler_output
+        out = m(pixel_values=pixels)
+        if getattr(out, "image_embeds", None) is not None:
+            return out.image_embeds
+        return out.pooler_output
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "dim": self.dim, "class": self.kind}
