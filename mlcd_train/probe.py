@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
@@ -145,3 +146,182 @@ def knn_classify(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     pred = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature, num_classes=num_classes)
     top1 = float((pred == test_y).mean()) if len(test_y) else float("nan")
     return {"top1": top1, "k": k, "temperature": temperature}
+
+
+# --------------------------------------------------------------------------- features
+def embedder_slug(spec: str) -> str:
+    """A file-name-safe, collision-free folder name for an embedder spec."""
+    import hashlib
+
+    kind, _, arg = spec.partition(":")
+    tail = ""
+    if arg:
+        parts = [p for p in re.split(r"[\\/]+", arg) if p]
+        tail = "-" + "-".join(parts[-2:])
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", kind + tail).strip("._-")[:60] or "embedder"
+    return f"{readable}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+
+
+def _canonical_spec(spec: str) -> str:
+    """Absolute paths in path-carrying specs, so the cache does not depend on the working folder."""
+    kind, sep, arg = spec.partition(":")
+    if sep and kind in ("hf", "mlcd", "pca") and arg:
+        return f"{kind}:{os.path.abspath(arg)}"
+    return spec
+
+
+def _embed_split(spec: str, shards: str, emb_dir: str, args) -> None:
+    from clustering import embed
+
+    argv = ["--shards", shards, "--out", emb_dir, "--model", spec, "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.pretrained:
+        argv += ["--pretrained", args.pretrained]
+    if spec == "pca":
+        argv += ["--dim", str(args.pca_dim), "--image-size", str(args.pca_image_size)]
+    if args.overwrite_features:
+        argv += ["--overwrite"]
+    rc = embed.main(argv)
+    if rc:
+        raise MLCDError(f"{shards}: mlcd embed failed with status {rc}")
+
+
+def _load_emb(emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """All rows of an EMB folder (float32) and their ground-truth classes; rows without class dropped."""
+    from clustering import store
+
+    folder = store.open_emb(emb_dir)
+    xs, ys = [], []
+    for sh in folder.shards:
+        cls = store.load_cls(sh)
+        if cls is None:
+            raise MLCDError(f"shard {sh.name}: carries no ground-truth class (no KEY.cls members); "
+                            f"the probe needs labelled shards")
+        x = store.read_rows(sh, 0, sh.n)
+        keep = cls >= 0
+        xs.append(x[keep])
+        ys.append(cls[keep])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(y) == 0:
+        raise MLCDError(f"{emb_dir}: no sample with a ground-truth class")
+    return x, y
+
+
+def features_for(spec: str, train_shards: str, test_shards: str, out: str, args) -> tuple[str, dict]:
+    """Embed both splits (cached) -> (feature folder, {split: (x, y)})."""
+    from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
+
+    spec = _canonical_spec(spec)
+    fdir = os.path.join(out, "features", embedder_slug(spec))
+    os.makedirs(fdir, exist_ok=True)
+    info_path = os.path.join(fdir, "embedder.json")
+    if os.path.exists(info_path) and not args.overwrite_features:
+        old = load_json(info_path)
+        if old.get("spec") != spec:
+            raise MLCDError(f"{info_path}: cached features of {old.get('spec')!r}, not {spec!r}")
+    atomic_save_json(info_path, {"spec": spec, "train": os.path.abspath(train_shards),
+                                 "test": os.path.abspath(test_shards)})
+    data = {}
+    for split, shards in (("train", train_shards), ("test", test_shards)):
+        xp, yp = os.path.join(fdir, f"{split}.npy"), os.path.join(fdir, f"{split}.cls.npy")
+        if os.path.exists(xp) and os.path.exists(yp) and not args.overwrite_features:
+            print(f"mlcd probe: {split} features cached in {xp}", file=sys.stderr)
+            data[split] = (np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False))
+            continue
+        emb_dir = os.path.join(fdir, f"emb_{split}")
+        split_spec = spec
+        if spec == "pca" and split == "test":  # the projection fitted on the training split
+            split_spec = "pca:" + os.path.join(fdir, "emb_train", "pca.npz")
+        _embed_split(split_spec, shards, emb_dir, args)
+        x, y = _load_emb(emb_dir)
+        atomic_save_npy(xp, x.astype(np.float32))
+        atomic_save_npy(yp, y.astype(np.int64))
+        data[split] = (x, y)
+    return fdir, data
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlcd probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embedder", "--model", dest="embedder", required=True,
+                   help="open_clip:NAME | hf:PATH | mlcd:PATH | pca | pca:FILE.npz (clustering registry)")
+    p.add_argument("--train", required=True, help="training shards with ground-truth cls (folder, tar, pattern)")
+    p.add_argument("--test", required=True, help="test shards with ground-truth cls")
+    p.add_argument("--out", required=True, help="output folder: features/<embedder>/, probe-<embedder>.json")
+    p.add_argument("--json", default=None, help="result file (default OUT/probe-<embedder-slug>.json)")
+    p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag or local checkpoint file")
+    p.add_argument("--pca-dim", type=int, default=64, help="pca: output dimension (default 64)")
+    p.add_argument("--pca-image-size", type=int, default=32, help="pca: image side in pixels (default 32)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(sim/T) (default 0.07)")
+    p.add_argument("--l2-grid", default=",".join(f"{v:g}" for v in DEFAULT_L2_GRID),
+                   help="comma-separated L2 strengths swept on the held-out part (default 1e-6..10, log-spaced)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of the training split held out to choose the L2 strength (default 0.2)")
+    p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("--no-knn", action="store_true", help="skip k-NN")
+    p.add_argument("--batch-size", type=int, default=256, help="embedding batch size (default 256)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers while embedding (default 2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite-features", action="store_true",
+                   help="re-embed even when cached features exist (e.g. the checkpoint changed)")
+    return p
+
+
+def run_probe(args) -> dict:
+    try:
+        grid = [float(v) for v in args.l2_grid.split(",") if v.strip()]
+    except ValueError:
+        raise MLCDError(f"--l2-grid {args.l2_grid!r}: expected comma-separated numbers") from None
+    if not grid or any(v < 0 for v in grid):
+        raise MLCDError(f"--l2-grid {args.l2_grid!r}: needs one or more non-negative numbers")
+    t0 = time.perf_counter()
+    fdir, data = features_for(args.embedder, args.train, args.test, args.out, args)
+    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    if xtr.shape[1] != xte.shape[1]:
+        raise MLCDError(f"{fdir}: train features have dim {xtr.shape[1]}, test {xte.shape[1]}")
+    t_feat = time.perf_counter() - t0
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+    result = {"embedder": _canonical_spec(args.embedder), "features": fdir, "dim": int(xtr.shape[1]),
+              "n_train": int(len(ytr)), "n_test": int(len(yte)), "num_classes": num_classes,
+              "seconds_features": round(t_feat, 2)}
+    if not args.no_linear:
+        t = time.perf_counter()
+        result["linear"] = linear_probe(xtr, ytr, xte, yte, l2_grid=sorted(grid), val_fraction=args.val_fraction,
+                                        seed=args.seed, max_iter=args.max_iter, num_classes=num_classes)
+        result["linear"]["seconds"] = round(time.perf_counter() - t, 2)
+    if not args.no_knn:
+        t = time.perf_counter()
+        result["knn"] = knn_classify(xtr, ytr, xte, yte, k=args.knn_k, temperature=args.temperature,
+                                     num_classes=num_classes)
+        result["knn"]["seconds"] = round(time.perf_counter() - t, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mlcd_train.utils.io import atomic_save_json
+
+    torch.manual_seed(args.seed)
+    result = run_probe(args)
+    path = args.json or os.path.join(args.out, f"probe-{os.path.basename(result['features'])}.json")
+    atomic_save_json(path, result)
+    parts = []
+    if "linear" in result:
+        parts.append(f"linear top-1 {100 * result['linear']['top1']:.2f}% (l2 {result['linear']['l2']:g})")
+    if "knn" in result:
+        parts.append(f"{result['knn']['k']}-NN top-1 {100 * result['knn']['top1']:.2f}%")
+    print(f"mlcd probe: {result['embedder']} on {result['n_train']} train / {result['n_test']} test images: "
+          + ", ".join(parts) + f" -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from mlcd_train.cli import run_stage
+
+    sys.exit(run_stage("probe", sys.argv[1:]))
