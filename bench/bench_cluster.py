@@ -1,0 +1,134 @@
+"""``mlcd cluster`` against raw ``faiss.Kmeans``, a measured matmul rate and scikit-learn.
+
+    python -m bench.bench_cluster            # 200k x 256, k 4096, 20 iterations (minutes)
+    python -m bench.bench_cluster --quick    # 50k x 128, k 1024, 10 iterations
+
+Rows:
+  * time per iteration of ``mlcd cluster`` (the whole code path: EMB files read from disk,
+    training sample, random init, faiss, outputs written) / raw ``faiss.Kmeans`` with the same
+    parameters on the same in-memory data (target <= 1.05).  Per iteration, because faiss may
+    stop early when the objective stalls and the two runs start from different random centres;
+  * achieved GFLOP/s of the faiss assignment step (2 N k d per iteration over faiss's own
+    iteration time) / a measured fp32 matmul rate (torch, [N, d] x [d, k] in the same blocks,
+    same threads) (target >= 0.8);
+  * scikit-learn ``KMeans`` (Lloyd, one init, same iterations) time per iteration as a second
+    reference (ratio = ours / sklearn, no target).
+Medians of ``repeats`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import format_table, median_time, row
+
+
+def make_data(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 4*sqrt(n) random directions (clustered, like real embeddings)."""
+    from clustering.store import normalise
+
+    rng = np.random.default_rng(seed)
+    m = int(4 * np.sqrt(n))
+    centres = normalise(rng.standard_normal((m, d)).astype(np.float32))
+    x = centres[rng.integers(0, m, n)] + 0.1 * rng.standard_normal((n, d)).astype(np.float32)
+    return normalise(x).astype(np.float16).astype(np.float32)
+
+
+def write_emb(root: str, x: np.ndarray, shards: int = 8) -> None:
+    from clustering import store
+
+    counts = {}
+    for i, part in enumerate(np.array_split(x, shards)):
+        name = f"bench-{i:06d}"
+        store.write_shard(root, name, part, np.array([f"{name}-{j}" for j in range(len(part))]))
+        counts[name] = len(part)
+    store.write_meta(root, "bench:random", x.shape[1], counts)
+
+
+def matmul_gflops(n: int, d: int, k: int, repeats: int = 3) -> float:
+    """fp32 [bs, d] x [d, k] GEMM rate in the block size faiss's exhaustive search uses."""
+    import torch
+
+    bs = min(n, 16384)  # faiss search blocks: 4096 queries x 1024 centres... measured on whole blocks
+    a = torch.randn(bs, d)
+    b = torch.randn(d, k)
+    t = median_time(lambda: a @ b, repeats=repeats, warmup=1)
+    return 2 * bs * d * k / t / 1e9
+
+
+def run(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    import faiss
+    import torch
+
+    from clustering import kmeans
+
+    n, d, k, niter = (50_000, 128, 1024, 10) if quick else (200_000, 256, 4096, 20)
+    repeats = repeats or 3
+    threads = faiss.omp_get_max_threads()
+    torch.set_num_threads(threads)
+    x = make_data(n, d)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = os.path.join(tmp, "emb")
+        write_emb(emb, x)
+        ours, ours_iters, ref, ref_iters, ref_search = [], [], [], [], []
+        for r in range(repeats):  # interleaved, so drifting load on a shared machine hits both alike
+            out = os.path.join(tmp, f"cl{r}")
+            t0 = time.perf_counter()
+            kmeans.main(["--emb", emb, "--k", str(k), "--out", out, "--niter", str(niter), "--seed", str(r),
+                         "--max-points-per-centroid", "0", "--method", "flat", "--backend", "faiss"])
+            ours.append(time.perf_counter() - t0)
+            ours_iters.append(json.load(open(os.path.join(out, "meta.json")))["iterations"])
+            km = faiss.Kmeans(d, k, niter=niter, seed=r, spherical=True, max_points_per_centroid=n,
+                              verbose=False)
+            t0 = time.perf_counter()
+            km.train(x)
+            ref.append(time.perf_counter() - t0)
+            st = km.iteration_stats
+            ref_iters.append(len(st))
+            ref_search.append(st[-1]["time_search"] / len(st))  # faiss's times are cumulative
+        ours_it = statistics.median(t / i for t, i in zip(ours, ours_iters))
+        ref_it = statistics.median(t / i for t, i in zip(ref, ref_iters))
+        rows.append(row("cluster", "s/iteration", ours_it, ref_it, "raw faiss.Kmeans", ours_it / ref_it, "<= 1.05",
+                        f"N={n} d={d} k={k} niter={niter}; iters ours {ours_iters} ref {ref_iters}; "
+                        f"ours incl. reading EMB + init + writing; {threads} threads; median of {repeats}"))
+        # achieved rate of the assignment step (faiss's search time per iteration)
+        flops = 2.0 * n * k * d
+        search_s = statistics.median(ref_search)
+        achieved = flops / search_s / 1e9
+        peak = statistics.median(matmul_gflops(n, d, k) for _ in range(repeats))
+        rows.append(row("cluster", "GFLOP/s", achieved, peak, "torch fp32 matmul", achieved / peak, ">= 0.8",
+                        f"2*N*k*d per iteration over faiss search time per iteration ({search_s:.3f}s)"))
+        try:
+            from sklearn.cluster import KMeans
+
+            sk_n = n if quick else n // 4
+            xs = x[:sk_n]
+            t = median_time(lambda: KMeans(k if quick else k, init="random", n_init=1, max_iter=niter, tol=0,
+                                           random_state=0, algorithm="lloyd").fit(xs),
+                            repeats=1 if not quick else min(repeats, 2), warmup=0)
+            sk_it = t / niter * (n / sk_n)
+            rows.append(row("cluster", "s/iteration", ours_it, sk_it, "sklearn KMeans (lloyd)", ours_it / sk_it,
+                            None, f"sklearn on {sk_n} points, scaled to N (linear in N)"))
+        except ImportError:  # pragma: no cover
+            pass
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=None)
+    a = p.parse_args()
+    os.environ.setdefault("MLCD_QUIET", "1")
+    print(format_table(run(a.quick, a.repeats)))
+
+
+if __name__ == "__main__":
+    main()
