@@ -131,9 +131,14 @@ def list_shards(src: Union[str, os.PathLike, Iterable]) -> list[str]:
 def count_records(path: str) -> int:
     """Number of samples in a tar, from its headers (no member is read)."""
     n, last = 0, None
-    for key, _ in _iter_members(path, read=False):
-        if key != last:
-            n, last = n + 1, key
+    try:
+        for key, _ in _iter_members(path, read=False):
+            if key != last:
+                n, last = n + 1, key
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise MLCDError(f"{path}: shard not found") from None
+        log.warning("%s: unreadable or truncated (%s); counted %d samples", path, exc, n)
     return n
 
 
@@ -164,6 +169,14 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
+def _check_end(tf: tarfile.TarFile) -> None:
+    """tarfile ends quietly at a cut; a complete tar has a zero end-of-archive block there."""
+    tf.fileobj.seek(tf.offset)
+    tail = tf.fileobj.read(512)
+    if len(tail) < 512 or tail.count(0) != 512:
+        raise tarfile.ReadError(f"truncated at byte {tf.offset} (no end-of-archive block)")
+
+
 def _iter_members(path: str, start: int = 0, read: bool = True) -> Iterator[tuple[str, dict]]:
     """Yield (key, {ext: bytes}) for every regular member.  Only wanted members (images, cls)
     of samples from number ``start`` on are read; the others are passed over unread."""
@@ -176,6 +189,7 @@ def _iter_members(path: str, start: int = 0, read: bool = True) -> Iterator[tupl
         while True:
             ti = tf.next()
             if ti is None:
+                _check_end(tf)
                 break
             if not ti.isreg():
                 continue

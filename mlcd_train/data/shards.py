@@ -415,6 +415,11 @@ class _ShardSink:
         self._close()
 
     def abort(self):
+        if self._tar is not None:  # drop the half-written tar: keep tarfile from flushing it later
+            self._tar.tarstream.closed = True
+            stream = getattr(self._tar.tarstream, "fileobj", None)
+            if hasattr(stream, "closed"):
+                stream.closed = True
         if self._cm is not None:
             with contextlib.suppress(Exception):
                 self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
