@@ -108,7 +108,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, hd] by angles whose cos/sin are [T, hd]; computed in fp32."""
+    """Rotate ``x`` [..., T, hd] by angles whose cos/sin are [T, hd]; computed in fp32."""
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
@@ -142,11 +142,11 @@ class Attention(nn.Module):
         B, T, D = x.shape
         weight, bias = self._qkv_params()
         qkv = F.linear(x, weight, bias).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, T, hd]
-        if rope is not None:
-            cos, sin = rope
-            q = _apply_rope(q, cos, sin)
-            k = _apply_rope(k, cos, sin)
+        if rope is None:
+            q, k, v = qkv.unbind(0)  # [B, H, T, hd]
+        else:  # rotate q and k in one pass
+            q, k = _apply_rope(qkv[:2], *rope).unbind(0)
+            v = qkv[2]
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(B, T, D)
         return self.out_proj(out)
