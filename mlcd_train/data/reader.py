@@ -50,7 +50,6 @@ import io
 import logging
 import os
 import tarfile
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
@@ -184,6 +183,7 @@ def _iter_members(path: str, start: int = 0, read: bool = True) -> Iterator[tupl
         tf = tarfile.open(path, mode="r:")
     except FileNotFoundError:
         raise MLCDError(f"{path}: shard not found") from None
+    f = tf.fileobj
     with tf:
         n, last = -1, None
         while True:
@@ -198,7 +198,13 @@ def _iter_members(path: str, start: int = 0, read: bool = True) -> Iterator[tupl
                 n, last = n + 1, key
             data = {}
             if read and n >= start and ext in _WANTED:
-                data[ext] = tf.extractfile(ti).read()
+                if ti.sparse is None:  # a plain member: its bytes lie at offset_data
+                    f.seek(ti.offset_data)
+                    data[ext] = f.read(ti.size)
+                    if len(data[ext]) != ti.size:
+                        raise tarfile.ReadError(f"member {ti.name} cut short")
+                else:
+                    data[ext] = tf.extractfile(ti).read()
             yield key, data
             tf.members = []  # keep memory flat on large shards
 
@@ -244,10 +250,7 @@ def decode_record(members: dict) -> tuple[Any, Optional[int]]:
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample(f"bad cls {members['cls'][:20]!r}") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(members[ext])) as im:
-                image = im.convert("RGB")
+        image = Image.open(io.BytesIO(members[ext])).convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on bad data
         raise CorruptSample(f"undecodable {ext} ({type(exc).__name__}: {exc})") from None
     return image, cls
