@@ -169,11 +169,22 @@ def test_resampled_mode_equal_counts_seeded_and_deterministic(tmp_path):
     ds = ShardDataset(folder, rank=0, world_size=3, resampled=True, samples_per_rank=11, seed=2, shuffle_buffer=4)
     assert _keys(ds) != _keys(ShardDataset(folder, rank=0, world_size=3, resampled=True, samples_per_rank=11,
                                            seed=1, shuffle_buffer=4))
-    # every pass deals all shards out over the (rank, worker) slots once
-    ds = ShardDataset(folder, rank=0, world_size=1, resampled=True)
-    for p in range(3):
-        dealt = ds._pass_shards(p, 0, 2) + ds._pass_shards(p, 1, 2)
-        assert sorted(dealt) == ds.shards
+
+
+@pytest.mark.parametrize("world,nw", [(1, 2), (2, 2), (3, 2)])
+def test_resampled_pass_reads_each_sample_once_over_all_slots(tmp_path, world, nw):
+    """3 shards: dealt whole to 2 slots, sample by sample to 4 and 6 slots."""
+    folder = _make_shards(tmp_path / "d", [9, 2, 5])
+    for seed in range(2):
+        dealt = []
+        for rank in range(world):
+            ds = ShardDataset(folder, rank=rank, world_size=world, resampled=True, seed=seed)
+            for w in range(nw):
+                n = sum(ds._count(e) for e in ds._pass_plan(0, w, nw))
+                recs = list(itertools.islice(ds._records(w, nw, 0), n))
+                assert n > 0
+                dealt += [r[2] for r in recs]
+        assert sorted(dealt) == sorted(f"k{i}_{j:03d}" for i, c in enumerate([9, 2, 5]) for j in range(c))
 
 
 def _hash_stream(folder):
@@ -190,9 +201,12 @@ def test_two_runs_hash_identical(tmp_path):
     assert _hash_stream(folder) == _hash_stream(folder)
 
 
-@pytest.mark.parametrize("resampled,consumed", [(True, 0), (True, 3), (True, 8), (False, 3)])
-def test_resume_equals_tail_of_uninterrupted_stream(tmp_path, resampled, consumed):
-    folder = _make_shards(tmp_path / "d", [9, 2, 5, 6])
+@pytest.mark.parametrize("resampled,consumed,counts", [(True, 0, [9, 2, 5, 6]), (True, 3, [9, 2, 5, 6]),
+                                                        (True, 8, [9, 2, 5, 6]), (True, 7, [9, 2, 5]),
+                                                        (False, 3, [9, 2, 5, 6])])
+def test_resume_equals_tail_of_uninterrupted_stream(tmp_path, resampled, consumed, counts):
+    """4 shards for 2 ranks x 2 workers: dealt whole; 3 shards: dealt sample by sample."""
+    folder = _make_shards(tmp_path / "d", counts)
     B, total = 3, 14
 
     def make():

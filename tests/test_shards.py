@@ -167,6 +167,13 @@ def test_shard_size_byte_limit_prefix_and_overwrite(tmp_path):
     assert set(sizes.values()) == {1} and len(sizes) == 10
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(sizes)
     assert len(list_shards(out)) == 10
+    # shards of some other run without sizes.json are not overwritten silently either
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shard-000000.tar").write_bytes(b"not ours")
+    with pytest.raises(MLCDError, match="--overwrite"):
+        shards.main(["--input", str(src), "--out", str(other)])
+    assert (other / "shard-000000.tar").read_bytes() == b"not ours"
 
 
 def test_idx_raw_labels_found_by_name_and_missing_labels(tmp_path):

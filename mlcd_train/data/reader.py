@@ -129,11 +129,10 @@ def list_shards(src: Union[str, os.PathLike, Iterable]) -> list[str]:
 
 def count_records(path: str) -> int:
     """Number of samples in a tar, from its headers (no member is read)."""
-    n, last = 0, None
+    n = 0
     try:
-        for key, _ in _iter_members(path, read=False):
-            if key != last:
-                n, last = n + 1, key
+        for i, _, _, _ in _iter_members(path, read=False):
+            n = i + 1
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise MLCDError(f"{path}: shard not found") from None
@@ -176,9 +175,11 @@ def _check_end(tf: tarfile.TarFile) -> None:
         raise tarfile.ReadError(f"truncated at byte {tf.offset} (no end-of-archive block)")
 
 
-def _iter_members(path: str, start: int = 0, read: bool = True) -> Iterator[tuple[str, dict]]:
-    """Yield (key, {ext: bytes}) for every regular member.  Only wanted members (images, cls)
-    of samples from number ``start`` on are read; the others are passed over unread."""
+def _iter_members(path: str, start: int = 0, step: int = 1,
+                  read: bool = True) -> Iterator[tuple[int, str, str, Optional[bytes]]]:
+    """Yield (sample number, key, ext, bytes or None) for every regular member.  Only wanted
+    members (images, cls) of the samples ``start, start + step, ...`` are read; the others are
+    passed over unread (bytes None)."""
     try:
         tf = tarfile.open(path, mode="r:")
     except FileNotFoundError:
@@ -196,35 +197,36 @@ def _iter_members(path: str, start: int = 0, read: bool = True) -> Iterator[tupl
             key, ext = _split_name(ti.name)
             if key != last:
                 n, last = n + 1, key
-            data = {}
-            if read and n >= start and ext in _WANTED:
+            data = None
+            if read and ext in _WANTED and n >= start and (n - start) % step == 0:
                 if ti.sparse is None:  # a plain member: its bytes lie at offset_data
                     f.seek(ti.offset_data)
-                    data[ext] = f.read(ti.size)
-                    if len(data[ext]) != ti.size:
+                    data = f.read(ti.size)
+                    if len(data) != ti.size:
                         raise tarfile.ReadError(f"member {ti.name} cut short")
                 else:
-                    data[ext] = tf.extractfile(ti).read()
-            yield key, data
+                    data = tf.extractfile(ti).read()
+            yield n, key, ext, data
             tf.members = []  # keep memory flat on large shards
 
 
-def iter_records(path: str, start: int = 0, stats: Optional[dict] = None) -> Iterator[tuple[int, str, dict]]:
-    """Yield (index, key, {ext: bytes}) per sample of a tar, from sample ``start`` on.
+def iter_records(path: str, start: int = 0, step: int = 1,
+                 stats: Optional[dict] = None) -> Iterator[tuple[int, str, dict]]:
+    """Yield (index, key, {ext: bytes}) for the samples ``start, start + step, ...`` of a tar.
 
-    Members of the samples before ``start`` are not read.  A tar that cannot be read (missing
-    end, bad header) stops with a warning and ``stats['corrupt_shards'] += 1``."""
+    Only image and ``cls`` members of those samples are read; other samples are passed over
+    unread.  A tar that cannot be read (bad header, cut short) ends with a warning and
+    ``stats['corrupt_shards'] += 1``."""
     index, cur_key, cur = -1, None, None
     try:
-        for key, data in _iter_members(path, start):
-            if key != cur_key:
-                if cur is not None and index >= start:
+        for n, key, ext, data in _iter_members(path, start, step):
+            if n != index:
+                if cur is not None:
                     yield index, cur_key, cur
-                index += 1
-                cur_key, cur = key, {}
-            if index >= start:
-                for ext, v in data.items():
-                    cur.setdefault(ext, v)
+                index, cur_key = n, key
+                cur = {} if n >= start and (n - start) % step == 0 else None
+            if cur is not None and data is not None:
+                cur.setdefault(ext, data)
     except (tarfile.TarError, OSError, EOFError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise MLCDError(f"{path}: shard not found") from None
@@ -232,7 +234,7 @@ def iter_records(path: str, start: int = 0, stats: Optional[dict] = None) -> Ite
         if stats is not None:
             stats["corrupt_shards"] += 1
         return
-    if cur is not None and index >= start:
+    if cur is not None:
         yield index, cur_key, cur
 
 
@@ -300,7 +302,9 @@ class ShardDataset(IterableDataset):
         super().__init__()
         self.shards = list_shards(shards)
         self.sizes = read_sizes(self.shards)
-        if sum(self.sizes.values()) == 0:
+        self.shards = [s for s in self.shards if self.sizes[s] > 0]  # empty shards would idle a worker
+        self.total = sum(self.sizes.values())
+        if self.total == 0:
             raise MLCDError(f"{shards}: the shards hold no samples")
         r, w = _default_rank_world()
         self.rank = r if rank is None else int(rank)
@@ -343,18 +347,31 @@ class ShardDataset(IterableDataset):
 
     # -- which shards a (rank, worker) reads in pass p
 
-    def _pass_shards(self, p: int, worker: int, nw: int) -> list[str]:
+    def _pass_plan(self, p: int, worker: int, nw: int) -> list[tuple[str, int, int]]:
+        """What one (rank, worker) reads in pass p: [(shard, first sample, step), ...].
+
+        Shards are dealt to ranks, then workers.  In resampled mode, with fewer shards than
+        (rank, worker) slots, the pass's samples (all shards one after the other) are dealt
+        instead: slot k reads samples k, k + slots, ...; so no slot idles and each pass still
+        reads each sample once (a corpus smaller than the slot count is read whole by each)."""
         shards = self.shards
         if self.resampled:
             perm = np.random.default_rng([self.seed, self.epoch, p]).permutation(len(shards))
             shards = [shards[i] for i in perm]
-        if self.resampled and len(shards) < self.world_size:
-            mine = [shards[self.rank % len(shards)]]
-        else:
-            mine = shards[self.rank::self.world_size]
-        if self.resampled and 0 < len(mine) < nw:
-            return [mine[worker % len(mine)]]
-        return mine[worker::nw]
+            slots = self.world_size * nw
+            if len(shards) < slots:
+                if self.total < slots:
+                    return [(s, 0, 1) for s in shards]
+                slot, plan, offset = self.rank * nw + worker, [], 0
+                for s in shards:
+                    plan.append((s, (slot - offset) % slots, slots))
+                    offset += self.sizes[s]
+                return plan
+        return [(s, 0, 1) for s in shards[self.rank::self.world_size][worker::nw]]
+
+    def _count(self, entry: tuple[str, int, int]) -> int:
+        shard, first, step = entry
+        return len(range(first, self.sizes[shard], step))
 
     def _worker_quota(self, worker: int, nw: int) -> Optional[int]:
         if self.samples_per_rank is None:
@@ -366,26 +383,22 @@ class ShardDataset(IterableDataset):
 
     def _records(self, worker: int, nw: int, skip: int) -> Iterator[tuple[str, int, str, dict]]:
         p = 0
-        empty_passes = 0
-        while True:
-            shards = self._pass_shards(p, worker, nw)
-            total = sum(self.sizes[s] for s in shards)
+        while True:  # resampled: every pass gives this worker at least one record (see _pass_plan)
+            plan = self._pass_plan(p, worker, nw)
+            total = sum(self._count(e) for e in plan)
             if skip >= total:
                 skip -= total
                 if not self.resampled:
                     return
-                empty_passes = empty_passes + 1 if total == 0 else 0
-                if empty_passes > 10_000:
-                    return  # this worker never gets samples
                 p += 1
                 continue
-            yield from self._pass_records(p, worker, shards, skip)
+            yield from self._pass_records(p, worker, plan, skip)
             skip = 0
             if not self.resampled:
                 return
             p += 1
 
-    def _pass_records(self, p: int, worker: int, shards: list[str], skip: int):
+    def _pass_records(self, p: int, worker: int, plan: list, skip: int):
         K = self.shuffle_buffer
         block = 0
         if K > 1:
@@ -394,7 +407,7 @@ class ShardDataset(IterableDataset):
         else:
             start, skip_in_block = skip, 0
         # walk to the shard holding record ``start`` of this pass, without reading
-        stream = self._pass_stream(shards, start)
+        stream = self._pass_stream(plan, start)
         if K <= 1:
             yield from stream
             return
@@ -412,14 +425,15 @@ class ShardDataset(IterableDataset):
         for i in order[drop:]:
             yield buf[i]
 
-    def _pass_stream(self, shards: list[str], start: int):
-        for s in shards:
-            n = self.sizes[s]
+    def _pass_stream(self, plan: list, start: int):
+        for entry in plan:
+            n = self._count(entry)
             if start >= n:
                 start -= n
                 continue
-            for index, key, members in iter_records(s, start, self.stats):
-                yield s, index, key, members
+            shard, first, step = entry
+            for index, key, members in iter_records(shard, first + start * step, step, self.stats):
+                yield shard, index, key, members
             start = 0
 
     # -- iteration

@@ -461,6 +461,9 @@ def write_shards(args) -> dict:
             done, skipped = state["shards"], state["skipped"]
             start = done[-1]["consumed"] if done else 0
             print(f"mlcd shards: resuming after {len(done)} complete shards ({start} inputs done)", file=sys.stderr)
+    if not done and not args.overwrite and any(out.glob(f"{args.prefix}-*.tar")):
+        raise MLCDError(f"{out}: holds {args.prefix}-*.tar shards of another or unfinished run; "
+                        "pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)
 
