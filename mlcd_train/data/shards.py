@@ -181,11 +181,12 @@ def _idx_items(images_path: Path, class_names: Optional[dict] = None) -> tuple[l
     stem = re.split(r"[-_.]images", images_path.name)[0] or "idx"
     stem = _sanitize(stem)
     width = max(6, len(str(len(images) - 1)))
+    stamp = _stamp(images_path) + (("," + _stamp(labels_path)) if labels_path else "")
     items = []
     for i in range(len(images)):
         cls = int(labels[i]) if labels is not None else None
         items.append(Item(key=f"{stem}_{i:0{width}d}", cls=cls, source=f"{images_path}[{i}]",
-                          load=(lambda i=i: ("png", _png_bytes(images[i])))))
+                          load=(lambda i=i: ("png", _png_bytes(images[i]))), stamp=stamp))
     return items, class_names
 
 
@@ -526,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="mlcd shards", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert an image folder, IDX files or a list file into WebDataset tar shards.",
-        epilog=__doc__.split("\n", 2)[2])
+        epilog=__doc__.split("\n", 2)[2].replace("``", ""))
     ap.add_argument("--input", required=True, metavar="SRC",
                     help="image folder, IDX images file, list file, or 'sample[:test]' / 'fashion-mnist[:test]'")
     ap.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards")
