@@ -449,10 +449,10 @@ class ShardDataset(IterableDataset):
             skip = min(skip, quota)
             quota -= skip
         self.stats = stats = self._new_stats()
+        if quota == 0:
+            return
         yielded = 0
         for shard, index, key, members in self._records(worker, nw, skip):
-            if quota is not None and yielded >= quota:
-                return
             stats["records"] += 1
             try:
                 image, cls = decode_record(members)
@@ -464,6 +464,8 @@ class ShardDataset(IterableDataset):
             stats["samples"] += 1
             yielded += 1
             yield Sample(image, shard_name(shard), index, key, cls)
+            if yielded == quota:
+                return
 
     def _corrupt(self, shard: str, index: int, key: str, reason: str) -> None:
         st = self.stats
