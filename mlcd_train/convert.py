@@ -30,6 +30,7 @@ Python: :func:`convert_to_hf`, :func:`import_from_hf` (returns our model),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -207,11 +208,17 @@ def compare_outputs(ours_states: list, ours_pooled: torch.Tensor, hf_states: lis
     return {"min_cls_cosine": worst, "last_hidden_max_rel_diff": last, "pooled_max_rel_diff": pooled}
 
 
+def _say(msg: str) -> None:
+    if os.environ.get("MLCD_QUIET", "0") != "1":
+        print(f"mlcd convert: {msg}", file=sys.stderr, flush=True)
+
+
 def verify_against(model, hf_model, image_size: int, where: str, *, height: Optional[int] = None,
                    width: Optional[int] = None, seed: int = 0) -> dict:
     """Run our model and a transformers model on the same fixed random input and compare."""
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(2, 3, height or image_size, width or image_size, generator=g)
+    batch = 2 if sum(p.numel() for p in model.parameters()) < 100_000_000 else 1  # bigG on CPU: one image
+    pixels = torch.randn(batch, 3, height or image_size, width or image_size, generator=g)
     with torch.no_grad():
         ours = model.float().eval().forward_hidden_states(pixels)
         ours_pooled = model._pool(ours[-1])
@@ -248,14 +255,15 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
         raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
     sd, meta = load_native(checkpoint_path)
     cfg = resolve_config(sd, meta, str(checkpoint_path), image_size=image_size, heads=num_heads, act=act)
-    model = build_and_load(cfg, sd, str(checkpoint_path))
+    model = build_and_load(cfg, sd, str(checkpoint_path))  # fp32 copy of the (possibly bf16) weights
+    dtype = next(iter(sd.values())).dtype  # the HF weights keep the export's precision
+    del sd
     cfg = dict(vars(model.config))
     hf_cls = hf_class_for(cfg)
+    _say(f"building {hf_cls.__name__} ({cfg['pos_embed']}, width {cfg['width']}, {cfg['layers']} layers)")
     hf_model = hf_cls(hf_config_for(cfg))
-    hf_sd = native_to_hf_state_dict({k: v.float() for k, v in model.state_dict().items()}, cfg,
-                                    hf_prefix(hf_model.state_dict()))
-    hf_model.load_state_dict(hf_sd, strict=True)
-    dtype = next(iter(sd.values())).dtype
+    hf_model.load_state_dict(native_to_hf_state_dict(model.state_dict(), cfg, hf_prefix(hf_model.state_dict())),
+                             strict=True)
     if dtype != torch.float32:
         hf_model.to(dtype)
 
@@ -264,6 +272,7 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(tmp)
+        del hf_model
         image_processor_for(cfg["image_size"]).save_pretrained(tmp)
         if cfg["pos_embed"] == "rope2d" and model.proj is not None:
             from safetensors.torch import save_file
@@ -271,10 +280,11 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
             save_file({"proj": model.proj.detach().to(dtype).contiguous()}, str(tmp / PROJ_FILE))
         report = {"model_config": cfg, "hf_class": hf_cls.__name__}
         if verify:
-            loaded = hf_cls.from_pretrained(tmp, dtype=torch.float32)
-            ref = model if dtype == torch.float32 else build_and_load(
-                cfg, {k: v.to(dtype).float() for k, v in sd.items()}, str(checkpoint_path))
-            report["checks"] = verify_against(ref, loaded, cfg["image_size"], f"{out} vs {checkpoint_path}")
+            _say(f"reloading {tmp} with transformers and comparing every layer")
+            with _quiet_transformers():
+                loaded = hf_cls.from_pretrained(tmp, dtype=torch.float32)
+            report["checks"] = verify_against(model, loaded, cfg["image_size"], f"{out} vs {checkpoint_path}")
+            del loaded
         _publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,6 +297,18 @@ def _read_hf_config(hf_dir: Path) -> dict:
     if not cfg_path.is_file():
         raise MLCDError(f"{hf_dir}: not a Hugging Face model folder (no config.json)")
     return load_json(cfg_path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _hf_weight_keys(hf_dir: Path) -> Optional[list[str]]:
@@ -323,8 +345,14 @@ def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Opti
     else:
         raise MLCDError(f"{hf_dir}/config.json: model_type {model_type!r} is not an MLCD or CLIP vision model "
                         f"(expected 'mlcd_vision_model', 'clip_vision_model' or 'clip')")
+    kwargs = {}
+    if model_type == "clip":  # a full CLIP folder: its vision half, projection size from the top level
+        vcfg = transformers.CLIPVisionConfig.from_pretrained(hf_dir)
+        vcfg.projection_dim = raw.get("projection_dim", vcfg.projection_dim)
+        kwargs["config"] = vcfg
     try:
-        hf_model, info = hf_cls.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+        with _quiet_transformers():  # the text half of a full CLIP folder is reported as unexpected
+            hf_model, info = hf_cls.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise MLCDError(f"{hf_dir}: transformers cannot load it as {hf_cls.__name__}: "
                         f"{str(exc).splitlines()[0]}") from None

@@ -170,7 +170,7 @@ def test_rope2d_non_square_input_matches_transformers_mlcd(tmp_path):
             torch.testing.assert_close(out.pooler_output, m(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mlcd", "clip"])
+@pytest.mark.parametrize("kind", ["mlcd", "clip", "clip_full"])
 def test_import_of_random_transformers_model_equals_its_outputs(tmp_path, kind):
     import transformers
 
@@ -179,21 +179,34 @@ def test_import_of_random_transformers_model_equals_its_outputs(tmp_path, kind):
                   image_size=24, patch_size=6)
     if kind == "mlcd":
         hf = transformers.MLCDVisionModel(transformers.MLCDVisionConfig(**common)).eval()
-    else:
+    elif kind == "clip":
         hf = transformers.CLIPVisionModelWithProjection(
             transformers.CLIPVisionConfig(projection_dim=20, hidden_act="quick_gelu", **common)).eval()
+    else:  # a whole CLIP model folder (text tower too): its vision half and projection are imported
+        hf = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+            vision_config=dict(hidden_act="quick_gelu", **common), projection_dim=20)).eval()
     hf.save_pretrained(tmp_path / "hf")
     ours = conv.import_from_hf(tmp_path / "hf")
     c = ours.config
     assert (c.width, c.layers, c.heads, c.patch_size, c.image_size, c.mlp_dim) == (48, 2, 3, 6, 24, 96)
     assert c.pos_embed == ("rope2d" if kind == "mlcd" else "abs")
     assert c.act == ("gelu" if kind == "mlcd" else "quick_gelu")
+    assert c.output_dim == (None if kind == "mlcd" else 20)
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
-        out = hf(pixel_values=x, output_hidden_states=True)
-        for a, b in zip(out.hidden_states, ours.forward_hidden_states(x)):
+        if kind == "clip_full":
+            states = hf.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+            ref = hf.get_image_features(pixel_values=x)
+            ref = getattr(ref, "pooler_output", ref)
+        else:
+            out = hf(pixel_values=x, output_hidden_states=True)
+            states = out.hidden_states
+            ref = out.pooler_output if kind == "mlcd" else out.image_embeds
+        mine = ours.forward_hidden_states(x)
+        assert len(mine) == len(states) == 3
+        for a, b in zip(states, mine):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-        ref = out.pooler_output if kind == "mlcd" else out.image_embeds
         torch.testing.assert_close(ours(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -266,3 +279,24 @@ def test_convert_reports_where_outputs_diverge_and_keeps_existing_dir(tmp_path, 
     monkeypatch.setattr(conv, "native_to_hf_state_dict", real)
     conv.convert_to_hf(path, out, overwrite=True)
     assert "keep.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
+
+
+def test_bf16_export_converts_and_matches_its_rounded_weights(tmp_path):
+    import transformers
+    from safetensors import safe_open
+
+    m = tiny("rope2d")
+    write_step(tmp_path / "run", 3, m)
+    out = tmp_path / "vit16.pt"
+    assert run_stage("export", ["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    sd = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    conv.convert_to_hf(out, tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("class_pos_emb").dtype == torch.bfloat16
+    hf = transformers.MLCDVisionModel.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = load_model(out)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, ours.forward_tokens(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours(x), m(x), atol=1e-6)  # it really is the rounded model
