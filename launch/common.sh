@@ -15,6 +15,10 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# With torchrun's c10d rendezvous, workers share the agent's TCP store; after a restart they
+# can read the previous attempt's NCCL / gloo addresses from it and fail to connect
+# (pytorch/pytorch#135712).  A store of their own per attempt avoids that.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 gpus_here() {
     if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 1; fi
@@ -24,7 +28,7 @@ print_env() {
     echo "== mlcd launch on $(hostname) at $(date -u +%FT%TZ)"
     echo "   torchrun flags: ${TORCHRUN_FT[*]}"
     local v
-    for v in $(env | grep -E '^(NCCL_|TORCH_NCCL_|TORCH_DISTRIBUTED|GLOO_|MASTER_|CUDA_VISIBLE_DEVICES|OMP_NUM_THREADS|SLURM_JOB_ID|SLURM_NNODES|SLURM_NODEID)' | cut -d= -f1 | sort); do
+    for v in $(env | grep -E '^(NCCL_|TORCH_NCCL_|TORCH_DISTRIBUTED|TORCH_DISABLE_SHARE|GLOO_|MASTER_|CUDA_VISIBLE_DEVICES|OMP_NUM_THREADS|SLURM_JOB_ID|SLURM_NNODES|SLURM_NODEID)' | cut -d= -f1 | sort); do
         echo "   $v=${!v}"
     done
     [ -z "${NCCL_SOCKET_IFNAME:-}" ] && echo "   (NCCL_SOCKET_IFNAME unset: NCCL picks an interface; set it, e.g. ib0 or eth0, if ranks cannot connect)"

@@ -368,6 +368,12 @@ class Trainer:
         finally:
             stop.restore()
             log.close()
+            # Stop the loader workers now: they ignore SIGTERM (so that a preemption signal to
+            # the process group cannot kill them mid-step), so leaving them to Python's exit
+            # handlers would block until the launcher's SIGKILL.
+            shutdown = getattr(data, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _loop(self, data, start: int, total: int, log: MetricsLog, stop: StopFlag) -> int:
         from mlcd_train.utils.progress import progress

@@ -1,0 +1,312 @@
+"""The trainer, run for real: torchrun with 2 gloo ranks on CPU, a tiny ViT, shards of the
+shipped Fashion-MNIST sample joined to a label folder laid out as `mlcd assign` writes it.
+
+Runs are shared between tests (module fixtures):
+- ``ref``: 40 uninterrupted steps (checkpoints, tensorboard, metrics);
+- ``sigterm``: the same command, SIGTERM to torchrun after step 12, then the same command
+  again: its final weights must equal ``ref``'s;
+- ``sigkill``: one worker SIGKILLed after step 12 under ``--max-restarts 1``: torchrun
+  restarts the group, which resumes and must also end on ``ref``'s weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlcd_train import train
+from mlcd_train.utils.errors import MLCDError
+from tests.dist_utils import free_port
+from tests.fixtures import make_sample_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+K, TOPK, STEPS = 64, 3, 40
+TINY = ["model.name=ViT-Tiny-4-28", "model.overrides={width: 32, layers: 2, heads: 2, output_dim: 16}",
+        f"train.steps={STEPS}", "train.global_batch_size=8", "train.log_every=1", "train.keep_last=5",
+        "loss.l=2", "loss.sample_rate=0.5", "loss.scale=16", "optim.warmup_steps=5", "optim.lr=2e-3",
+        "data.num_workers=1", "data.shuffle_buffer=20", "seed=3"]
+
+
+def make_labels(shards: Path, out: Path, k: int = K, topk: int = TOPK) -> Path:
+    """A label folder as `mlcd assign` writes it, labels derived from the true class."""
+    from mlcd_train.data.reader import ShardDataset, list_shards, shard_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    for sh in list_shards(shards):
+        keys, rows = [], []
+        for s in ShardDataset([sh]):
+            keys.append(s.key)
+            rows.append([(s.cls * 6 + 2 * j + s.index % 2) % k for j in range(topk)])
+        np.save(out / f"{shard_name(sh)}.labels.npy", np.asarray(rows, dtype=np.int32))
+        np.save(out / f"{shard_name(sh)}.keys.npy", np.asarray(keys))
+    (out / "meta.json").write_text(json.dumps({"k": k, "topk": topk, "centroids": "none", "embedder": "cls"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_data")
+    shards = make_sample_shards(tmp, n=400, shard_size=100)
+    return shards, make_labels(shards, tmp / "labels")
+
+
+def args(data, out, *extra):
+    shards, labels = data
+    return [f"output_dir={out}", f"data.shards={shards}", f"data.labels={labels}", *TINY, *extra]
+
+
+def torchrun(data, out: Path, *extra, nproc=2, max_restarts=0) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+           "--max-restarts", str(max_restarts), "--monitor-interval", "0.2",
+           "-m", "mlcd_train.train", *args(data, out, *extra)]
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it a c10d restart reads the previous
+    # attempt's gloo/NCCL addresses from the shared store (pytorch#135712); launch/ sets it too
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLCD_QUIET="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(out.parent / f"{out.name}.log", "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def log_text(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text(errors="replace")
+
+
+def wait(proc: subprocess.Popen, out: Path, timeout=150) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"torchrun did not finish in {timeout}s:\n{log_text(out)[-3000:]}")
+
+
+def metrics(out: Path) -> list[dict]:
+    p = out / "metrics.jsonl"
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
+
+
+def wait_for_step(proc, out: Path, step: int, timeout=120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        m = metrics(out)
+        if m and m[-1]["step"] >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before step {step}:\n{log_text(out)[-3000:]}")
+        time.sleep(0.02)
+    pytest.fail(f"step {step} not reached in {timeout}s")
+
+
+def ckpt(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:08d}"
+
+
+def load(folder: Path, name: str):
+    return torch.load(folder / name, map_location="cpu", weights_only=False)
+
+
+def assert_same_weights(a: Path, b: Path, tol=1e-4, ranks=2):
+    ma, mb = load(a, "model.pt")["state_dict"], load(b, "model.pt")["state_dict"]
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.allclose(ma[k], mb[k], atol=tol, rtol=0), k
+    for r in range(ranks):
+        pa, pb = load(a, f"pfc_rank{r}.pt"), load(b, f"pfc_rank{r}.pt")
+        assert torch.allclose(pa["weight"], pb["weight"], atol=tol, rtol=0), f"pfc rank {r}"
+        for name, t in pa["optimizer"]["rows"].items():
+            assert torch.allclose(t.double(), pb["optimizer"]["rows"][name].double(), atol=tol), name
+    oa, ob = load(a, "optimizer.pt")["state"], load(b, "optimizer.pt")["state"]
+    for i in oa:
+        assert torch.allclose(oa[i]["exp_avg"], ob[i]["exp_avg"], atol=tol)
+
+
+# ----------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def ref(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    p = torchrun(data, out, "train.save_every=10")
+    assert wait(p, out) == 0, log_text(out)[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sigterm(data, ref):
+    out = ref.parent / "sigterm"
+    p = torchrun(data, out, "train.save_every=10")
+    wait_for_step(p, out, 12)
+    p.send_signal(signal.SIGTERM)          # what SLURM / a preempting scheduler does
+    wait(p, out)
+    first = log_text(out)
+    stopped = [s for s, _ in __import__("mlcd_train.trainer.checkpoint", fromlist=["x"]).list_checkpoints(
+        out / "checkpoints")]
+    p = torchrun(data, out, "train.save_every=10")   # the very same command
+    rc = wait(p, out)
+    return out, first, stopped, rc
+
+
+@pytest.fixture(scope="module")
+def sigkill(data, ref):
+    out = ref.parent / "sigkill"
+    p = torchrun(data, out, "train.save_every=5", max_restarts=1)
+    wait_for_step(p, out, 12)
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    os.kill(int(children[1]), signal.SIGKILL)
+    rc = wait(p, out)
+    return out, rc
+
+
+def test_run_writes_checkpoints_tensorboard_metrics(ref):
+    cks = sorted(p.name for p in (ref / "checkpoints").iterdir())
+    assert cks == [f"step_{s:08d}" for s in (10, 20, 30, 40)]
+    for c in cks:
+        names = sorted(p.name for p in (ref / "checkpoints" / c).iterdir())
+        assert names == ["meta.json", "model.pt", "optimizer.pt", "pfc_rank0.pt", "pfc_rank1.pt",
+                         "trainer_state.pt"]
+    m = load(ckpt(ref, 40), "model.pt")
+    assert m["step"] == 40 and m["model_config"]["width"] == 32
+    from mlcd_train.models import create_model_from_config
+
+    create_model_from_config(m["model_config"]).load_state_dict(m["state_dict"])   # what export reads
+    st = load(ckpt(ref, 40), "trainer_state.pt")
+    assert st["step"] == 40 and st["samples_seen"] == 320 and len(st["rng"]) == 2
+    rows = metrics(ref)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert {"step", "loss", "lr", "img_per_s", "data_wait", "grad_norm", "skipped_steps"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["img_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+    assert rows[-1]["loss"] < rows[0]["loss"]                 # it learns
+    assert rows[4]["lr"] == pytest.approx(2e-3) and rows[-1]["lr"] < 1e-4   # warm-up then cosine
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(ref / "tb"))
+    ev.Reload()
+    tags = ev.Tags()["scalars"]
+    for t in ("train/loss", "train/lr", "train/img_per_s", "train/data_wait", "train/grad_norm",
+              "train/skipped_steps", "train/corrupt_samples"):
+        assert t in tags
+    assert len(ev.Scalars("train/loss")) == STEPS
+    import yaml
+
+    cfg = yaml.safe_load((ref / "config.yaml").read_text())
+    assert cfg["train"]["steps"] == STEPS and cfg["loss"]["num_classes"] == K   # resolved from meta.json
+
+
+def test_sigterm_saves_and_restart_matches_uninterrupted(ref, sigterm):
+    out, first, stopped, rc = sigterm
+    assert "stop signal received" in first
+    last = stopped[-1]
+    assert 12 <= last < STEPS and f"saved step {last}" in first
+    assert rc == 0
+    assert f"resumed from {ckpt(out, last)}" in log_text(out)
+    assert_same_weights(ckpt(ref, STEPS), ckpt(out, STEPS))
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == list(range(1, STEPS + 1))                 # no step logged twice after the resume
+    ref_loss = {r["step"]: r["loss"] for r in metrics(ref)}
+    for r in metrics(out):                                    # the same data, step by step
+        assert r["loss"] == pytest.approx(ref_loss[r["step"]], abs=1e-4)
+
+
+def test_sigkill_of_one_worker_restarts_and_finishes(ref, sigkill):
+    out, rc = sigkill
+    assert rc == 0, log_text(out)[-3000:]
+    assert "resumed from" in log_text(out)
+    assert_same_weights(ckpt(ref, STEPS), ckpt(out, STEPS))
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+def test_resume_on_one_rank_of_a_two_rank_checkpoint(data, ref, tmp_path):
+    src = ckpt(ref, 20)
+    out = tmp_path / "one"
+    assert train.main(args(data, out, f"resume={src}", "train.steps=22", "train.save_every=100")) == 0
+    got = ckpt(out, 22)
+    st = load(got, "pfc_rank0.pt")
+    assert st["world_size"] == 1 and st["weight"].shape == (K, 16)
+    before = [load(src, f"pfc_rank{r}.pt") for r in range(2)]
+    w0 = torch.cat([b["weight"] for b in before])
+    n0 = torch.cat([b["optimizer"]["rows"]["step"] for b in before])
+    n1 = st["optimizer"]["rows"]["step"]
+    sampled = n1 - n0
+    assert set(sampled.unique().tolist()) <= {0, 1, 2} and (sampled > 0).any() and (sampled == 0).any()
+    # centres the two resumed steps did not sample are the 2-rank checkpoint's, re-split
+    untouched = sampled == 0
+    assert torch.equal(st["weight"][untouched], w0[untouched])
+    assert not torch.equal(st["weight"][~untouched], w0[~untouched])
+    assert load(got, "model.pt")["step"] == 22
+
+
+def test_stream_resumes_in_the_same_order(data):
+    """Batches after set_resume equal those of the uninterrupted stream (pixels and labels)."""
+    from mlcd_train import config as C
+    from mlcd_train.trainer.data import build_shard_loader
+
+    cfg = C.build_config(None, args(data, "/tmp/unused", "data.num_workers=2"))
+
+    def batches(start, n, rank=0):
+        loader, _ = build_shard_loader(cfg, rank, 2, 4, start, 28)
+        it = iter(loader)
+        return [next(it)[:2] for _ in range(n)]
+
+    full = batches(0, 7)
+    again = batches(4, 3)
+    for (x, y), (x2, y2) in zip(full[4:], again):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    other = batches(0, 2, rank=1)
+    assert not torch.equal(full[0][0], other[0][0])            # ranks read different samples
+
+
+def test_label_folder_mismatches_are_errors_naming_the_shard(data, tmp_path):
+    shards, labels = data
+
+    def variant(name, edit):
+        d = tmp_path / name
+        shutil.copytree(labels, d)
+        edit(d)
+        return d
+
+    def run(lbl, *extra):
+        out = tmp_path / f"out_{lbl.name}"
+        with pytest.raises(MLCDError) as e:
+            train.main([f"output_dir={out}", f"data.shards={shards}", f"data.labels={lbl}", *TINY, *extra])
+        assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+        return str(e.value)
+
+    missing = variant("missing", lambda d: (d / "shard-000002.labels.npy").unlink())
+    assert "shard-000002" in run(missing) and "missing" in run(missing)
+
+    def drop_row(d):
+        lab = np.load(d / "shard-000001.labels.npy")
+        np.save(d / "shard-000001.labels.npy", lab[:-1])
+    msg = run(variant("count", drop_row))
+    assert "shard-000001" in msg and "rows" in msg
+
+    def swap_keys(d):
+        shutil.copy(d / "shard-000001.keys.npy", d / "shard-000000.keys.npy")
+    msg = run(variant("keys", swap_keys))
+    assert "shard-000000" in msg and "keys" in msg
+
+    assert "'loss.num_classes'" in run(labels, "loss.num_classes=10")
+    assert "'loss.l'" in run(labels, "loss.l=4")
+    with pytest.raises(MLCDError, match="'train.stepz'"):
+        train.main([*args(data, tmp_path / "x"), "train.stepz=3"])
+
+
+def test_nonfinite_loss_skips_then_aborts(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(MLCDError, match="not finite for 3 steps"):
+        train.main([f"output_dir={out}", "data.synthetic=true", "loss.num_classes=32", "loss.l=2", *TINY[:2],
+                    "train.steps=30", "train.global_batch_size=4", "train.log_every=1", "optim.warmup_steps=0",
+                    "optim.lr=1e30", "optim.clip_grad_norm=0", "train.max_nonfinite_steps=3"])
+    rows = metrics(out)
+    assert rows and rows[-1]["skipped_steps"] >= 1
