@@ -300,3 +300,22 @@ def test_bf16_export_converts_and_matches_its_rounded_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, ours.forward_tokens(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(ours(x), m(x), atol=1e-6)  # it really is the rounded model
+
+
+def test_tools_convert_to_hf_takes_the_seed_flags(tmp_path):
+    """The seed README's command line, on a native RoPE2D file without sidecar."""
+    import subprocess
+    import sys
+
+    m = tiny("rope2d", output_dim=0)
+    path = export_native(m, tmp_path / "vit.pt")
+    path.with_suffix(".json").unlink()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MLCD_QUIET="1")
+    proc = subprocess.run([sys.executable, str(root / "tools" / "convert_to_hf.py"), "--pytorch_dump_folder_path",
+                           str(tmp_path / "hf"), "--checkpoint_path", str(path), "--image_size", "28"],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "verified" in proc.stdout
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "mlcd_vision_model" and cfg["image_size"] == 28

@@ -66,6 +66,23 @@ def test_bigg_presets_match_transformers_mlcd_shapes(name):
         {k: tuple(v.shape) for k, v in mapped.items()}
 
 
+def test_rope2d_state_dict_is_the_native_layout():
+    """The names and shapes the public conversion script reads (reference section 6)."""
+    m = create_model("ViT-Tiny-4-28", pos_embed="rope2d", width=64, heads=4, layers=2, output_dim=32)
+    D, hd, M, p = 64, 16, 256, 4
+    want = {"conv1.weight": (D, 3, p, p), "class_embedding": (D,), "class_pos_emb": (1, hd // 2),
+            "ln_pre.weight": (D,), "ln_pre.bias": (D,), "ln_post.weight": (D,), "ln_post.bias": (D,),
+            "proj": (D, 32)}
+    for i in range(2):
+        b = f"transformer.resblocks.{i}."
+        want.update({b + "ln_1.weight": (D,), b + "ln_1.bias": (D,), b + "ln_2.weight": (D,), b + "ln_2.bias": (D,),
+                     b + "attn.in_proj.weight": (3 * D, D), b + "attn.in_proj.bias": (3 * D,),
+                     b + "attn.out_proj.weight": (D, D), b + "attn.out_proj.bias": (D,),
+                     b + "mlp.c_fc.weight": (M, D), b + "mlp.c_fc.bias": (M,),
+                     b + "mlp.c_proj.weight": (D, M), b + "mlp.c_proj.bias": (D,)})
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == want
+
+
 def test_overrides_config_dict_round_trip_and_bad_values():
     m = create_model("ViT-Tiny-4-28", width=64, layers=3, heads=4, patch_size=7, mlp_ratio=2.0,
                      pos_embed="rope2d", output_dim=0, act="quick_gelu")

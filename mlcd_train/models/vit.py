@@ -240,7 +240,8 @@ class VisionTransformer(nn.Module):
     def _patch_angles(self, gh: int, gw: int, device: torch.device) -> torch.Tensor:
         """Rotary angles of the gh x gw patch tokens (row-major), [gh*gw, head_dim/2], fp32."""
         key = (gh, gw, str(device))
-        angles = self._rope_cache.get(key)
+        compiling = torch.compiler.is_compiling()  # no cache mutation inside a compiled graph
+        angles = None if compiling else self._rope_cache.get(key)
         if angles is None:
             quarter = self.config.head_dim // 4
             # 10000^(-2i/(head_dim/2)), i < head_dim/4: one frequency set shared by rows and columns
@@ -248,7 +249,8 @@ class VisionTransformer(nn.Module):
             rows = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
             cols = torch.arange(gw, device=device, dtype=torch.float32).repeat(gh)
             angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=1)
-            self._rope_cache = {key: angles}  # keep one entry: sizes rarely change within a run
+            if not compiling:
+                self._rope_cache = {key: angles}  # keep one entry: sizes rarely change within a run
         return angles
 
     def _rope(self, gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
