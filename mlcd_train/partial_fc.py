@@ -56,7 +56,7 @@ import glob
 import math
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -91,9 +91,7 @@ class _AllGatherGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, world_size, rank):
         ctx.group, ctx.world_size, ctx.rank, ctx.n = group, world_size, rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, 0)
+        return _all_gather(x, group, world_size)
 
     @staticmethod
     def backward(ctx, grad):
@@ -127,72 +125,103 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the logits kernel
 
 class _SampledLogSumExp(torch.autograd.Function):
-    """For normalised embeddings e_n [N, d] and (unnormalised) sampled centres w [S, d]:
+    """For normalised embeddings e_n [N, d] and this rank's centres ``weight`` [num_local, d]
+    restricted to the sampled rows ``index`` (None = all rows), returns
 
-    returns lse [N] = log sum_{j not positive} exp(scale * cos_ij) over this rank's sampled
-    columns (-inf when none), and cos_pos [N, l] = cos of the positive pairs (i, pos_cols[i, k])
-    (0 where pos_cols < 0).  Logits are built column chunk by column chunk and recomputed in
-    backward, so memory is O(N * chunk) instead of O(N * S)."""
+    lse [N]: log sum_{j sampled, not positive} exp(scale * cos_ij) (-inf when no such j), and
+    cos_pos [N, l]: cos of the positive pairs (i, sampled column pos_cols[i, k]) (0 where < 0).
+
+    The logits are built column chunk by column chunk and recomputed in backward, so memory is
+    O(N * chunk), never O(N * sampled); backward writes the weight gradient straight into one
+    dense [num_local, d] tensor (zero on unsampled rows).  Centre normalisation is folded
+    into the logits (cos = (e_n . w) / |w|) and differentiated by hand:
+    d/dw_j = (g_j - (sum_i dcos_ij cos_ij) w_j / |w_j|^2) with g_j = sum_i dcos_ij e_i / |w_j|."""
 
     @staticmethod
-    def forward(ctx, e_n, w, pos_cols, scale, chunk):
-        n, s_cols = e_n.shape[0], w.shape[0]
+    def _chunk(weight, index, c0, c1, dtype):
+        w = weight[c0:c1] if index is None else weight.index_select(0, index[c0:c1])
+        w = w.to(dtype)
+        norm = torch.linalg.vector_norm(w, dim=1)
+        inv = 1.0 / norm.clamp(min=_NORM_EPS)
+        return w, inv, norm > _NORM_EPS
+
+    @staticmethod
+    def _masked(pr, pc, c0, c1):
+        """The positive pairs that fall in columns [c0, c1): (rows, columns - c0)."""
+        sel = (pc >= c0) & (pc < c1)
+        return pr[sel], pc[sel] - c0
+
+    @staticmethod
+    def _cos_pairs(e_rows, w_rows):
+        """cos of the positive pairs only ([P], P = positives living on this rank)."""
+        return (F.normalize(w_rows, dim=1, eps=_NORM_EPS) * e_rows).sum(1)
+
+    @staticmethod
+    def forward(ctx, e_n, weight, index, pos_cols, scale, chunk):
+        n = e_n.shape[0]
+        cols_total = weight.shape[0] if index is None else index.numel()
         valid = pos_cols >= 0
-        rows = torch.arange(n, device=e_n.device).unsqueeze(1).expand_as(pos_cols)[valid]
-        cols = pos_cols[valid]
+        pr, pk = valid.nonzero(as_tuple=True)   # positive pairs on this rank: sample, label slot
+        pc = pos_cols[pr, pk]                   # ... and their sampled column
         lse = torch.full((n,), -math.inf, dtype=e_n.dtype, device=e_n.device)
-        for c0 in range(0, s_cols, chunk):
-            c1 = min(s_cols, c0 + chunk)
-            z = (e_n @ F.normalize(w[c0:c1], dim=1, eps=_NORM_EPS).t()).mul_(scale)
-            sel = (cols >= c0) & (cols < c1)
-            z[rows[sel], cols[sel] - c0] = -math.inf
+        for c0 in range(0, cols_total, chunk):
+            c1 = min(cols_total, c0 + chunk)
+            w, inv, _ = _SampledLogSumExp._chunk(weight, index, c0, c1, e_n.dtype)
+            z = (e_n @ w.t()).mul_(inv.mul_(scale))
+            z[_SampledLogSumExp._masked(pr, pc, c0, c1)] = -math.inf
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
-        wp = F.normalize(w[pos_cols.clamp(min=0)], dim=-1, eps=_NORM_EPS)
-        cos_pos = torch.where(valid, (wp * e_n.unsqueeze(1)).sum(-1), torch.zeros((), dtype=e_n.dtype,
-                                                                                   device=e_n.device))
-        ctx.save_for_backward(e_n, w, pos_cols, lse)
+            del w, z
+        cos_pos = torch.zeros(pos_cols.shape, dtype=e_n.dtype, device=e_n.device)
+        rows = pc if index is None else index[pc]
+        cos_pos[pr, pk] = _SampledLogSumExp._cos_pairs(e_n[pr], weight[rows].to(e_n.dtype))
+        ctx.save_for_backward(e_n, weight, index, lse, pr, pk, pc)
         ctx.scale, ctx.chunk = scale, chunk
         return lse, cos_pos
 
     @staticmethod
     def backward(ctx, g_lse, g_pos):
-        e_n, w, pos_cols, lse = ctx.saved_tensors
+        e_n, weight, index, lse, pr, pk, pc = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
-        n, s_cols = e_n.shape[0], w.shape[0]
-        valid = pos_cols >= 0
+        cols_total = weight.shape[0] if index is None else index.numel()
         grad_e = torch.zeros_like(e_n)
-        grad_w = torch.zeros_like(w)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # every row is written below when all are sampled
+            grad_w = torch.zeros_like(weight) if index is not None or g_lse is None else torch.empty_like(weight)
         if g_lse is not None:
             finite = torch.isfinite(lse)
             coef = torch.where(finite, g_lse, torch.zeros_like(g_lse)).mul(scale).unsqueeze(1)
             lse_safe = torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(1)
-            rows = torch.arange(n, device=e_n.device).unsqueeze(1).expand_as(pos_cols)[valid]
-            cols = pos_cols[valid]
-            for c0 in range(0, s_cols, chunk):
-                c1 = min(s_cols, c0 + chunk)
-                with torch.enable_grad():
-                    ed = e_n.detach().requires_grad_()
-                    wc = w[c0:c1].detach().requires_grad_()
-                    cos = ed @ F.normalize(wc, dim=1, eps=_NORM_EPS).t()
-                z = cos.detach() * scale
-                sel = (cols >= c0) & (cols < c1)
-                z[rows[sel], cols[sel] - c0] = -math.inf
-                dcos = torch.exp_(z.sub_(lse_safe)).mul_(coef)
-                ge, gw = torch.autograd.grad(cos, (ed, wc), dcos)
-                grad_e += ge
-                grad_w[c0:c1] = gw
-                del cos, z, dcos, ge, gw
-        if g_pos is not None:
-            idx = pos_cols.clamp(min=0)
+            for c0 in range(0, cols_total, chunk):
+                c1 = min(cols_total, c0 + chunk)
+                w, inv, unclamped = _SampledLogSumExp._chunk(weight, index, c0, c1, e_n.dtype)
+                cos = (e_n @ w.t()).mul_(inv)
+                z = cos * scale
+                z[_SampledLogSumExp._masked(pr, pc, c0, c1)] = -math.inf
+                dcos = torch.exp_(z.sub_(lse_safe)).mul_(coef)       # d loss / d cos_ij, [N, C]
+                del z
+                proj = (dcos * cos).sum(0)                           # sum_i dcos_ij cos_ij
+                ds = dcos.mul_(inv)                                  # d loss / d (e_n . w_j)
+                grad_e.addmm_(ds, w)
+                if grad_w is not None:
+                    gw = ds.t() @ e_n
+                    gw.addcmul_(w, (proj * inv * inv * unclamped).unsqueeze(1), value=-1.0)
+                    gw = gw.to(grad_w.dtype)
+                    if index is None:
+                        grad_w[c0:c1] = gw
+                    else:
+                        grad_w.index_copy_(0, index[c0:c1], gw)
+                del w, cos, dcos, ds
+        if g_pos is not None and pr.numel():
+            rows = pc if index is None else index[pc]
             with torch.enable_grad():
                 ed = e_n.detach().requires_grad_()
-                wp = w[idx].detach().requires_grad_()
-                cos_pos = (F.normalize(wp, dim=-1, eps=_NORM_EPS) * ed.unsqueeze(1)).sum(-1)
-            g = torch.where(valid, g_pos, torch.zeros_like(g_pos))
-            ge, gwp = torch.autograd.grad(cos_pos, (ed, wp), g)
+                wp = weight.detach()[rows].to(e_n.dtype).requires_grad_()
+                cos = _SampledLogSumExp._cos_pairs(ed[pr], wp)
+            ge, gwp = torch.autograd.grad(cos, (ed, wp), g_pos[pr, pk])
             grad_e += ge
-            grad_w.index_add_(0, idx.reshape(-1), gwp.reshape(-1, w.shape[1]))
-        return grad_e, grad_w, None, None, None
+            if grad_w is not None:
+                grad_w.index_add_(0, rows, gwp.to(grad_w.dtype))
+        return grad_e, grad_w, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the module
@@ -203,15 +232,15 @@ class PartialFC(nn.Module):
     See the module docstring.  ``rank`` / ``world_size`` default to the process group's
     (``group`` or the default group; one rank when none is initialised); they can be given
     explicitly to build a shard offline (resharding, tests), but ``forward`` with
-    world_size > 1 needs the process group.  ``max_chunk_elems`` bounds the size of one
-    logits chunk (global batch x columns).
+    world_size > 1 needs the process group.  ``max_chunk_elems`` bounds the temporaries of one
+    column chunk (global batch x columns and columns x d; default 2**21 on CPU, 2**26 on CUDA).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 0.1,
                  scale: float = 64.0, margin: float = 0.3, margin_type: str = "arc",
                  loss: str = "mlcd", seed: int = 0, group=None, rank: int | None = None,
                  world_size: int | None = None, device=None, dtype=torch.float32,
-                 init_std: float = 0.01, max_chunk_elems: int = 1 << 24):
+                 init_std: float = 0.01, max_chunk_elems: int | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise MLCDError(f"PartialFC loss: {loss!r} is not one of {LOSSES}")
@@ -235,6 +264,8 @@ class PartialFC(nn.Module):
         self.margin_type, self.loss_type = margin_type, loss
         self.group, self.rank, self.world_size = group, int(rank), int(world_size)
         self.class_start, self.num_local = class_range(self.num_classes, self.world_size, self.rank)
+        if max_chunk_elems is None:  # bounds [batch, chunk] and [chunk, d] temporaries: 8 MB CPU, 256 MB GPU
+            max_chunk_elems = 1 << (26 if torch.device(device if device is not None else "cpu").type == "cuda" else 21)
         self.max_chunk_elems = int(max_chunk_elems)
         self.seed = int(seed)
         gen = torch.Generator(device=device if device is not None else "cpu")
@@ -296,59 +327,61 @@ class PartialFC(nn.Module):
         return state
 
     # ---- forward
-    def _validate(self, emb: torch.Tensor, labels: torch.Tensor):
-        """Collective input check: every rank raises the same MLCDError, or none does."""
+    def _validate(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Collective input check: every rank raises the same MLCDError, or none does.
+        Returns the labels as int64 [B, l]."""
         problems = {1: "embeddings must be a floating tensor [batch, embedding_size]",
                     2: "labels must be an integer tensor [batch] or [batch, l] with l >= 1",
                     3: "labels and embeddings have different batch sizes",
-                    4: "embeddings and labels must be on the weight's device"}
+                    4: "embeddings and labels must be on the weight's device",
+                    5: "the local batch is empty"}
         code, detail = 0, ""
+        int_types = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
         if not (torch.is_tensor(emb) and emb.is_floating_point() and emb.dim() == 2
                 and emb.shape[1] == self.embedding_size):
             code = 1
-            detail = f"got {tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__}, embedding_size {self.embedding_size}"
-        elif not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8,
-                                                                  torch.int8) \
-                or labels.dim() not in (1, 2) or (labels.dim() == 2 and labels.shape[1] == 0):
+            detail = (f"got {tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__}, "
+                      f"embedding_size {self.embedding_size}")
+        elif not (torch.is_tensor(labels) and labels.dtype in int_types and labels.dim() in (1, 2)
+                  and (labels.dim() == 1 or labels.shape[1] > 0)):
             code = 2
             detail = f"got {(tuple(labels.shape), labels.dtype) if torch.is_tensor(labels) else type(labels).__name__}"
         elif labels.shape[0] != emb.shape[0]:
             code, detail = 3, f"labels {tuple(labels.shape)}, embeddings {tuple(emb.shape)}"
         elif emb.device != self.weight.device or labels.device != self.weight.device:
             code, detail = 4, f"embeddings on {emb.device}, labels on {labels.device}, weight on {self.weight.device}"
+        elif emb.shape[0] == 0:
+            code = 5
+        dev = self.weight.device
         if code == 0:
             labels = labels.long()
             if labels.dim() == 1:
                 labels = labels.unsqueeze(1)
-        dev = self.weight.device
-        if code == 0 and labels.numel():
-            lo, hi = labels.min(), labels.max()
-            meta = torch.stack([torch.zeros((), dtype=torch.long, device=dev),
-                                torch.tensor(labels.shape[0], device=dev), torch.tensor(labels.shape[1], device=dev),
-                                lo.to(dev), hi.to(dev)])
+            shape = torch.tensor(labels.shape, device=dev)
+            meta = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), shape,
+                              labels.min().reshape(1), labels.max().reshape(1)])
         else:
-            meta = torch.tensor([code, emb.shape[0] if code != 1 and torch.is_tensor(emb) and emb.dim() else 0,
-                                 0, 0, -1], dtype=torch.long, device=dev)
-        metas = _all_gather(meta.unsqueeze(0), self.group, self.world_size) if self.world_size > 1 else meta.unsqueeze(0)
-        metas = metas.tolist()
+            meta = torch.tensor([code, 0, 0, 0, 0], dtype=torch.long, device=dev)
+        if self.world_size > 1:
+            metas = _all_gather(meta.unsqueeze(0), self.group, self.world_size).tolist()
+        else:
+            metas = [meta.tolist()]
         bad = [(r, m[0]) for r, m in enumerate(metas) if m[0]]
         if bad:
             where = "; ".join(f"rank {r}: {problems[c]}" for r, c in bad)
-            mine = f" (this rank: {detail})" if code else ""
-            raise MLCDError(f"PartialFC input: {where}{mine}")
-        sizes = [m[1] for m in metas]
+            raise MLCDError(f"PartialFC input: {where}" + (f" (this rank: {detail})" if detail else ""))
+        sizes, widths = [m[1] for m in metas], [m[2] for m in metas]
         if len(set(sizes)) > 1:
             raise MLCDError(f"PartialFC input: the local batch size differs across ranks {sizes}; "
                             "every rank must pass the same batch size")
-        widths = [m[2] for m in metas]
         if len(set(widths)) > 1:
             raise MLCDError(f"PartialFC input: the label width l differs across ranks {widths}")
-        out = [(r, m[3], m[4]) for r, m in enumerate(metas) if sizes[0] and (m[3] < -1 or m[4] >= self.num_classes)]
+        out = [(r, m[3], m[4]) for r, m in enumerate(metas) if m[3] < -1 or m[4] >= self.num_classes]
         if out:
             raise MLCDError("PartialFC labels: values outside [0, num_classes={}) (-1 = padding): {}".format(
                 self.num_classes, "; ".join(f"rank {r} has min {lo} max {hi}" for r, lo, hi in out)))
-        if self.loss_type == "unicom" and sizes[0] and min(m[3] for m in metas) < 0:
-            # only the first column matters for unicom; check it exactly (rare path, one more reduce)
+        if self.loss_type == "unicom" and min(m[3] for m in metas) < 0:
+            # only the first column matters for unicom: check it exactly (rare path, one more reduce)
             first_bad = (labels[:, 0] < 0).any().to(torch.long).reshape(1)
             if self.world_size > 1:
                 dist.all_reduce(first_bad, group=self.group)
@@ -392,7 +425,7 @@ class PartialFC(nn.Module):
         local = torch.exp(x - m)
         total = local.detach().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        total = local + (total - local.detach())
+        total = total + (local - local.detach())  # value: the global sum, bit-identical on every rank
         ok = total.detach() > 0
         out = m + torch.log(torch.where(ok, total, torch.ones_like(total)))
         return torch.where(ok, out, torch.full_like(out, -math.inf))
@@ -418,11 +451,9 @@ class PartialFC(nn.Module):
             self.last_index = index
             if self.training and torch.is_grad_enabled():
                 self._pending.append(index)
-            w = self.weight if index is None else self.weight.index_select(0, index)
-            w = w.to(dtype)
             e_n = F.normalize(emb, dim=1, eps=_NORM_EPS)
-            chunk = max(1, self.max_chunk_elems // max(1, e_n.shape[0]))
-            lse_neg, cos_pos = _SampledLogSumExp.apply(e_n, w, pos_cols, self.scale, chunk)
+            chunk = max(1, self.max_chunk_elems // max(e_n.shape[0], self.embedding_size))
+            lse_neg, cos_pos = _SampledLogSumExp.apply(e_n, self.weight, index, pos_cols, self.scale, chunk)
             valid = pos_cols >= 0
             neg_inf = torch.full((), -math.inf, dtype=dtype, device=e_n.device)
             if self.loss_type == "unicom":
@@ -466,7 +497,7 @@ class PartialFCOptimizer(torch.optim.Optimizer):
     KINDS = ("adamw", "sgd")
 
     def __init__(self, pfc: PartialFC, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 eps: float = 1e-8, kind: str = "adamw", momentum: float = 0.0, rows_per_chunk: int = 65536):
+                 eps: float = 1e-8, kind: str = "adamw", momentum: float = 0.0, rows_per_chunk: int = 4096):
         if kind not in self.KINDS:
             raise MLCDError(f"PartialFC optimizer kind: {kind!r} is not one of {self.KINDS}")
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum)
@@ -477,6 +508,12 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         st["step"] = torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
         for name in self.row_state_names():
             st[name] = torch.zeros_like(w, memory_format=torch.contiguous_format)
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Clear the gradient and forget the rows sampled since the last step (a step skipped
+        by the trainer, e.g. for a non-finite loss, must not leak its rows into the next one)."""
+        self.pfc.take_sampled()
+        super().zero_grad(set_to_none=set_to_none)
 
     def row_state_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") if self.kind == "adamw" else ("momentum_buffer",)

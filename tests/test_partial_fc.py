@@ -78,7 +78,7 @@ def make_pfc(weight, rank=0, world_size=1, **kw):
 @pytest.mark.parametrize("loss,margin_type", COMBOS)
 def test_loss_and_gradients_equal_the_dense_formula(loss, margin_type):
     _, emb, weight, labels = make_data()
-    pfc = make_pfc(weight, loss=loss, margin_type=margin_type, max_chunk_elems=2 * N)  # several column chunks
+    pfc = make_pfc(weight, loss=loss, margin_type=margin_type, max_chunk_elems=3 * D)  # column chunks of 3
     e = emb.clone().requires_grad_()
     out = pfc(e, labels)
     out.backward()
@@ -93,7 +93,7 @@ def test_loss_and_gradients_equal_the_dense_formula(loss, margin_type):
 
 def test_float64_gradients_match_autograd_of_the_reference_exactly():
     _, emb, weight, labels = make_data(1)
-    pfc = make_pfc(weight.double(), max_chunk_elems=7, dtype=torch.float64)
+    pfc = make_pfc(weight.double(), max_chunk_elems=4 * D, dtype=torch.float64)
     e = emb.double().requires_grad_()
     pfc(e, labels).backward()
     e_ref, w_ref = emb.double().requires_grad_(), weight.double().requires_grad_()
@@ -119,17 +119,27 @@ def test_sampling_keeps_positives_counts_and_equals_restricted_reference():
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(k, D, generator=g)
     labels = torch.randint(0, k, (N, L), generator=g)
-    pfc = make_pfc(weight, sample_rate=0.1, seed=5)
+    pfc = make_pfc(weight, sample_rate=0.1, seed=5, max_chunk_elems=7 * D)  # column chunks of 7
     seen = []
     for _ in range(3):
-        out = pfc(emb, labels)
+        pfc.zero_grad()
+        e = emb.clone().requires_grad_()
+        out = pfc(e, labels)
+        out.backward()
         idx = pfc.last_index
         positives = set(labels[labels >= 0].tolist())
         assert positives <= set(idx.tolist())
         assert idx.numel() == max(int(0.1 * k), len(positives)) == 20
         assert idx.unique().numel() == idx.numel()
-        ref = dense_loss(emb, weight, labels, "mlcd", "arc", classes=idx.tolist())
+        e_ref, w_ref = emb.double().requires_grad_(), weight.double().requires_grad_()
+        ref = dense_loss(e_ref, w_ref, labels, "mlcd", "arc", classes=idx.tolist())
+        ref.backward()
         assert abs(out.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+        torch.testing.assert_close(e.grad.double(), e_ref.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pfc.weight.grad.double(), w_ref.grad, atol=1e-5, rtol=1e-4)
+        unsampled = torch.ones(k, dtype=torch.bool)
+        unsampled[idx] = False
+        assert not pfc.weight.grad[unsampled].any()
         seen.append(tuple(idx.tolist()))
     assert len(set(seen)) == 3  # redrawn each step
     # positives beyond the budget: all positives, nothing else
@@ -216,6 +226,32 @@ def test_sparse_optimizer_leaves_unsampled_rows_bitwise_unchanged():
                 assert torch.equal(opt.state[pfc.weight][n][~sampled], before_s[n][~sampled])
             assert not torch.equal(pfc.weight.detach()[sampled], before_w[sampled])
             assert torch.equal(opt.state[pfc.weight]["step"][sampled], before_s["step"][sampled] + 1)
+
+
+def test_sparse_optimizer_accumulates_sampled_rows_and_forgets_skipped_steps():
+    k = 300
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(k, D, generator=g)
+    emb = torch.randn(N, D, generator=g)
+    labels = torch.randint(0, k, (N, L), generator=g)
+    pfc = make_pfc(weight, sample_rate=0.05, seed=3)
+    opt = pfc.make_optimizer(lr=0.1)
+    # a skipped step (zero_grad without step) leaves no trace
+    pfc(emb, labels).backward()
+    skipped = pfc.last_index.clone()
+    opt.zero_grad()
+    before = pfc.weight.detach().clone()
+    rows = []
+    for _ in range(2):  # gradient accumulation over two forwards: the union is updated
+        pfc(emb, labels).backward()
+        rows.append(pfc.last_index.clone())
+    opt.step()
+    union = torch.zeros(k, dtype=torch.bool)
+    union[torch.cat(rows)] = True
+    changed = (pfc.weight.detach() != before).any(1)
+    assert torch.equal(changed, union)
+    assert not changed[skipped[~union[skipped]]].any()
+    assert torch.equal(opt.state[pfc.weight]["step"], union.long())
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
@@ -386,6 +422,7 @@ def test_distributed_equals_one_process(world, tmp_path):
     for res in results:
         for combo, (got, ref) in res["loss"].items():
             assert abs(got - ref) <= 1e-5 * max(1.0, abs(ref)), combo
+            assert got == results[0]["loss"][combo][0]  # the same loss, bit for bit, on every rank
         assert res["sample"] == (True, True)
         got, ref = res["sample_loss"]
         assert abs(got - ref) <= 1e-5 * max(1.0, abs(ref))
