@@ -255,6 +255,13 @@ def test_convert_bad_inputs_leave_no_output_dir(tmp_path):
     with pytest.raises(MLCDError, match="does not divide"):
         conv.convert_to_hf(rope, out, num_heads=5)
     assert not out.exists() and leftovers(tmp_path) == []
+    # import direction: not a Hugging Face folder, or not a vision tower we know
+    (tmp_path / "nohf").mkdir()
+    with pytest.raises(MLCDError, match="no config.json"):
+        conv.import_from_hf(tmp_path / "nohf")
+    (tmp_path / "nohf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert run_stage("convert", ["--from-hf", str(tmp_path / "nohf"), "--out", str(tmp_path / "imp.pt")]) == 2
+    assert not (tmp_path / "imp.pt").exists()
 
 
 def test_convert_reports_where_outputs_diverge_and_keeps_existing_dir(tmp_path, monkeypatch):
