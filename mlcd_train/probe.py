@@ -43,7 +43,7 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor):
 
 
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                            max_iter: int = 500, tol: float = 1e-7):
+                            max_iter: int = 500, tol: float = 1e-5):
     """Multinomial logistic regression, full-batch L-BFGS.
 
     Minimises ``mean cross-entropy + l2 * ||W||^2`` (the bias is not penalised).
@@ -55,7 +55,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     w = torch.zeros(d, num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
-                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+                            tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()

@@ -1,0 +1,93 @@
+"""`mlcd demo` end to end on a reduced setting (2 gloo ranks under torchrun, a few dozen steps)."""
+import json
+
+import pytest
+import torch
+
+from mlcd_train import demo
+from mlcd_train.utils.errors import MLCDError
+
+ARGS = ["--quick", "--steps", "20", "--batch-size", "32", "--k", "30", "--nproc", "2", "--quiet-train"]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert demo.main(["--out", str(out)] + ARGS) == 0
+    return out
+
+
+def test_demo_runs_every_stage_and_writes_its_artefacts(demo_out):
+    summary = json.loads((demo_out / "summary.json").read_text())
+    stages = [r["stage"] for r in summary["stages"]]
+    for name in ("shards", "embed", "cluster", "assign", "train (2 ranks)", "export", "convert", "probe student",
+                 "probe teacher"):
+        assert any(s.startswith(name) for s in stages), (name, stages)
+    # training ran 20 steps on 2 ranks and logged them
+    metrics = demo.read_metrics(demo_out / "train" / "metrics.jsonl")
+    assert metrics[-1]["step"] == 20
+    assert (demo_out / "train" / "checkpoints" / "step_00000020" / "meta.json").exists()
+    assert list((demo_out / "train" / "tb").iterdir())
+    assert (demo_out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the exported student is the checkpoint's backbone, and the HF directory holds the same weights
+    exported = torch.load(demo_out / "export" / "student.pt", weights_only=True)
+    ckpt = torch.load(demo_out / "train" / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    assert all(torch.equal(exported[k], ckpt["state_dict"][k]) for k in exported)
+    assert (demo_out / "hf" / "config.json").exists()
+    # probes: teacher (pixels PCA) separates Fashion-MNIST far above chance; every figure is a rate
+    probes = summary["probe"]
+    assert set(probes) == {"student", "teacher"}
+    assert probes["teacher"]["linear"]["top1"] > 0.6 and probes["teacher"]["knn"]["top1"] > 0.6
+    for res in probes.values():
+        assert res["n_train"] == 3000 and res["n_test"] == 1000
+        assert 0.0 <= res["linear"]["top1"] <= 1.0 and 0.0 <= res["knn"]["top1"] <= 1.0
+    assert probes["student"]["embedder"].startswith("hf:")  # the student is probed through transformers
+
+
+def _corrupt_hf(hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    path = hf_dir / "model.safetensors"
+    sd = load_file(str(path))
+    key = next(k for k in sorted(sd) if "layers.1." in k and k.endswith("fc1.weight"))
+    sd[key] = sd[key] + 0.5 * torch.randn_like(sd[key])
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def test_hf_reload_with_different_outputs_stops_the_demo(demo_out, monkeypatch):
+    from mlcd_train import convert
+
+    real_main = convert.main
+
+    def convert_then_corrupt(argv=None):  # a conversion that passes its own check, then the files change
+        rc = real_main(argv)
+        _corrupt_hf(demo_out / "hf")
+        return rc
+
+    monkeypatch.setattr(convert, "main", convert_then_corrupt)
+    # finished stages are skipped (training is not relaunched); the reload check must stop the run
+    with pytest.raises(MLCDError, match="stage convert.*outputs diverge at layer 1"):
+        demo.main(["--out", str(demo_out)] + ARGS)
+
+
+def test_a_failing_conversion_check_stops_the_demo(demo_out, monkeypatch):
+    from mlcd_train import convert
+
+    real = convert.native_to_hf_state_dict
+
+    def wrong_mapping(sd, cfg, prefix=""):  # a conversion bug: one tensor lands wrong
+        out = real(sd, cfg, prefix)
+        key = next(k for k in sorted(out) if k.endswith("post_layernorm.weight"))
+        out[key] = out[key] * 2
+        return out
+
+    monkeypatch.setattr(convert, "native_to_hf_state_dict", wrong_mapping)
+    with pytest.raises(MLCDError, match="stage convert"):
+        demo.main(["--out", str(demo_out)] + ARGS)
+
+
+def test_demo_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(demo.REQUIRED_MODULES, "mlcd_train.no_such_stage", "imaginary")
+    assert demo.main(["--out", str(tmp_path / "o"), "--quick"]) == 3
+    assert "imaginary" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
