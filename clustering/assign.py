@@ -104,9 +104,10 @@ def label_done(out: str, name: str, n: int, L: int) -> bool:
 
 
 def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold, bar=None):
+    """(labels int32 [n, L], scores float16 [n, L]) of one shard; reads overlap the search."""
     labels = np.empty((shard.n, L), dtype=np.int32)
     scores = np.empty((shard.n, L), dtype=np.float16)
-    for start, x in store.iter_chunks(shard, chunk):
+    for start, x in store.prefetch(store.iter_chunks(shard, chunk)):
         D, I = searcher.search(x, L)
         D = np.where(I < 0, -np.inf, D)  # IVF: fewer than L centres in the probed lists
         lab, sc = apply_threshold(I.astype(np.int32), D, threshold)
@@ -210,16 +211,16 @@ def plot_sizes(out: str, emb: store.EmbFolder, k: int) -> str:
     for sh in emb.shards:
         top1 += np.bincount(np.load(os.path.join(out, f"{sh.name}.labels.npy"))[:, 0], minlength=k)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].hist(top1, bins=min(100, max(10, k // 4)))
+    counts, edges = np.histogram(top1, bins=min(100, max(10, k // 4)))
+    ax[0].stairs(counts, edges, fill=True)  # one artist, not one patch per bin
     ax[0].set_xlabel("images per cluster (top-1)")
     ax[0].set_ylabel("clusters")
     ax[0].set_yscale("log")
     ax[1].plot(np.sort(top1)[::-1])
     ax[1].set_xlabel("cluster rank")
     ax[1].set_ylabel("images (top-1)")
-    ax[1].set_yscale("symlog")
     fig.suptitle(f"cluster sizes, k={k}, {int(top1.sum())} images, {int((top1 == 0).sum())} empty")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.88, wspace=0.3)
     path = os.path.join(out, "cluster_sizes.png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)

@@ -198,7 +198,7 @@ def torch_lloyd(x_local: np.ndarray, init: np.ndarray, niter: int, seed: int, de
     bar = progress(range(niter), desc=progress_desc or "lloyd", unit="it")
     with torch.inference_mode():
         for it in bar:
-            searcher = TorchSearcher(cent.float().cpu().numpy(), device=str(device))
+            searcher = TorchSearcher(cent.float(), device=str(device))
             sums = torch.zeros(k, d, dtype=torch.float64, device=device)
             counts = torch.zeros(k, dtype=torch.float64, device=device)
             obj = torch.zeros(1, dtype=torch.float64, device=device)

@@ -95,7 +95,10 @@ class TorchSearcher:
             raise MLCDError(f"candidate dtype must be one of {sorted(CAND_ERR)}, not {cand_dtype!r}")
         self.cand_dtype = cand_dtype
         self.extra = extra
-        self.c32 = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
+        if isinstance(centroids, torch.Tensor):
+            self.c32 = centroids.to(self.device, torch.float32).contiguous()
+        else:
+            self.c32 = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
         tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cand_dtype, torch.float32)
         self.cc = self.c32.to(tdt)
         self.tdt = tdt

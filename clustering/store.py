@@ -278,3 +278,42 @@ def write_meta(root: str | os.PathLike, embedder: str, dim: int, counts: dict, c
                      {"embedder": embedder, "dim": int(dim), "dtype": "float16", "normalised": True,
                       "complete": bool(complete), "total": int(sum(counts.values())),
                       "counts": {k: int(v) for k, v in counts.items()}, **extra})
+
+
+def prefetch(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (file reads and fp16
+    conversion overlap the search, which releases the GIL).  Exceptions are re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put(("item", item))
+            q.put(("end", done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", exc))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)

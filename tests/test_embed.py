@@ -141,3 +141,36 @@ def test_other_embedder_refused_nothing_damaged(shards, tmp_path):
     with pytest.raises(MLCDError, match=r"nope\.npz: pca projection file not found"):
         embed.main(base + ["--model", f"pca:{tmp_path / 'nope.npz'}"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _dist_embed_assign(rank, world, shard_dir, out, cpath):
+    from clustering import assign
+
+    embed.main(["--shards", shard_dir, "--out", out + "/emb", "--model", "pca", "--dim", "4", "--image-size", "8",
+                "--workers", "0"])
+    assign.main(["--emb", out + "/emb", "--centroids", cpath, "--topk", "2", "--out", out + "/lbl"])
+    return sorted(os.listdir(out + "/emb"))
+
+
+def test_two_ranks_split_shards_and_match_one_process(shards, tmp_path):
+    """embed + assign on 2 gloo ranks (shards split over ranks) == the single-process run."""
+    from clustering import assign
+    from tests.dist_utils import run_distributed
+
+    one = tmp_path / "one"
+    assert embed.main(["--shards", str(shards), "--out", str(one / "emb"), "--model", "pca", "--dim", "4",
+                       "--image-size", "8", "--workers", "0"]) == 0
+    cpath = tmp_path / "c.npy"
+    np.save(cpath, store.normalise(np.random.default_rng(0).normal(size=(5, 4))).astype(np.float32))
+    assert assign.main(["--emb", str(one / "emb"), "--centroids", str(cpath), "--topk", "2",
+                        "--out", str(one / "lbl")]) == 0
+    two = tmp_path / "two"
+    run_distributed(_dist_embed_assign, 2, (str(shards), str(two), str(cpath)))
+    for sub in ("emb", "lbl"):
+        names = sorted(p.name for p in (one / sub).iterdir() if p.suffix == ".npy" or p.name.endswith(".npz"))
+        assert names == sorted(p.name for p in (two / sub).iterdir() if p.suffix == ".npy" or p.name.endswith(".npz"))
+        for n in names:
+            assert (one / sub / n).read_bytes() == (two / sub / n).read_bytes(), n
+    m1, m2 = (json.load(open(d / "emb" / "meta.json")) for d in (one, two))
+    assert m1["counts"] == m2["counts"] and m2["world_size"] == 2
+    assert json.load(open(one / "lbl" / "stats.json")) == json.load(open(two / "lbl" / "stats.json"))

@@ -1,0 +1,149 @@
+"""``mlcd assign`` against raw faiss search; peak memory on a 2M x 512 corpus; ``--approx``.
+
+    python -m bench.bench_assign            # 500k x 256 vs k 4096; RSS on 2M x 512; approx k 100k
+    python -m bench.bench_assign --quick    # 200k x 128 vs k 2048; RSS on 2M x 512; approx k 20k
+
+Rows:
+  * embeddings/s of ``mlcd assign`` (whole code path: fp16 EMB files streamed from disk in
+    chunks, search, labels/scores/keys written, stats.json and cluster_sizes.png) / raw
+    ``IndexFlatIP.search`` over the same rows already in memory as float32, same k and L
+    (target >= 0.9);
+  * peak RSS (ru_maxrss of a child process) of ``mlcd assign`` over 2M x 512 float16
+    embeddings (2 GB on disk) against the 1.5 GB budget (ratio = ours / budget, target <= 1);
+  * ``--approx`` (IVF over the centres) at k = 100k: speed-up over exact search on the same
+    queries, with recall@L on them.
+Medians of ``repeats`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from bench.bench_cluster import make_data, write_emb
+from bench.common import format_table, row
+
+L = 8
+
+
+def _rss_child(emb: str, cent: str, out: str) -> tuple[float, float]:
+    """Peak RSS (GB) and seconds of ``mlcd assign`` run in a fresh process."""
+    code = ("import resource, sys, time; from clustering.assign import main; t=time.perf_counter(); "
+            f"main(['--emb', {emb!r}, '--centroids', {cent!r}, '--topk', '{L}', '--out', {out!r}]); "
+            "print(time.perf_counter()-t); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    env = dict(os.environ, MLCD_QUIET="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    lines = res.stdout.strip().splitlines()
+    return int(lines[-1]) / 1024 ** 2, float(lines[-2])  # ru_maxrss is in KiB on Linux
+
+
+def write_big_emb(root: str, n: int, d: int, shards: int = 40, seed: int = 0) -> None:
+    """n x d unit float16 rows without holding them all in memory."""
+    from clustering import store
+
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for i, m in enumerate(np.diff(np.linspace(0, n, shards + 1).astype(int))):
+        name = f"big-{i:06d}"
+        store.write_shard(root, name, rng.standard_normal((m, d), dtype=np.float32),
+                          np.array([f"{name}-{j}" for j in range(m)]))
+        counts[name] = int(m)
+    store.write_meta(root, "bench:random", d, counts)
+
+
+def run(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    import faiss
+
+    from clustering import assign
+    from clustering.search import FaissSearcher
+    from clustering.store import normalise
+
+    repeats = repeats or 3
+    n, d, k = (200_000, 128, 2048) if quick else (500_000, 256, 4096)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        x = make_data(n, d)
+        emb = os.path.join(tmp, "emb")
+        write_emb(emb, x, shards=10)
+        rng = np.random.default_rng(1)
+        c = normalise(x[rng.choice(n, k, replace=False)] + 0.05 * rng.standard_normal((k, d)).astype(np.float32))
+        cpath = os.path.join(tmp, "centroids.npy")
+        np.save(cpath, c.astype(np.float32))
+        ours, ref = [], []
+        for r in range(repeats):  # interleaved
+            t0 = time.perf_counter()
+            assign.main(["--emb", emb, "--centroids", cpath, "--topk", str(L), "--out", os.path.join(tmp, "lbl"),
+                         "--overwrite", "--backend", "faiss"])
+            ours.append(n / (time.perf_counter() - t0))
+            index = faiss.IndexFlatIP(d)
+            index.add(c)
+            t0 = time.perf_counter()
+            index.search(x, L)
+            ref.append(n / (time.perf_counter() - t0))
+        o, f = statistics.median(ours), statistics.median(ref)
+        rows.append(row("assign", "embeddings/s", o, f, "raw faiss IndexFlatIP.search", o / f, ">= 0.9",
+                         f"N={n} d={d} k={k} L={L}; ours from fp16 files incl. writing + stats; "
+                         f"{faiss.omp_get_max_threads()} threads; median of {repeats}"))
+        del x
+
+        # peak memory over 2M x 512 fp16 (2 GB on disk)
+        big = os.path.join(tmp, "big")
+        write_big_emb(big, 2_000_000, 512)
+        kb = 256 if quick else 1024
+        cb = normalise(np.random.default_rng(2).standard_normal((kb, 512)).astype(np.float32))
+        cbp = os.path.join(tmp, "cb.npy")
+        np.save(cbp, cb)
+        gb, secs = _rss_child(big, cbp, os.path.join(tmp, "lbl_big"))
+        rows.append(row("assign", "peak RSS GB", gb, 1.5, "budget", gb / 1.5, "<= 1.0",
+                         f"2M x 512 fp16 EMB in 40 shards, k={kb}, L={L}; {2_000_000 / secs:.0f} emb/s"))
+        import shutil
+
+        shutil.rmtree(big)
+
+        # --approx at large k: speed-up over exact and recall@L
+        ka, da, nq = (20_000, 128, 20_000) if quick else (100_000, 128, 50_000)
+        rng = np.random.default_rng(3)
+        ca = normalise(rng.standard_normal((ka, da)).astype(np.float32))
+        # queries near the centres, as embeddings are (similarity to their own centre ~0.8)
+        q = normalise(ca[rng.integers(0, ka, nq)] + 0.75 / np.sqrt(da) * rng.standard_normal((nq, da)).astype(np.float32))
+        exact = FaissSearcher(ca)
+        te = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _, Ie = exact.search(q, L)
+            te.append(time.perf_counter() - t0)
+        for nprobe in (16, 64):
+            approx = FaissSearcher(ca, approx=True, nprobe=nprobe)
+            ta = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                _, Ia = approx.search(q, L)
+                ta.append(time.perf_counter() - t0)
+            hit = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(Ia, Ie)) / (nq * L)
+            sp = statistics.median(te) / statistics.median(ta)
+            rows.append(row("assign", "approx speed-up", sp, 1.0, "exact IndexFlatIP", sp, None,
+                             f"k={ka} d={da} {nq} queries, IVF nlist={approx.nlist} nprobe={nprobe}; "
+                             f"recall@{L}={hit:.3f}, top-1 agreement {(Ia[:, 0] == Ie[:, 0]).mean():.3f}"))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=None)
+    a = p.parse_args()
+    os.environ.setdefault("MLCD_QUIET", "1")
+    print(format_table(run(a.quick, a.repeats)))
+
+
+if __name__ == "__main__":
+    main()
