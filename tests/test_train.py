@@ -1,7 +1,7 @@
 """The trainer, run for real: torchrun with 2 gloo ranks on CPU, a tiny ViT, shards of the
 shipped Fashion-MNIST sample joined to a label folder laid out as `mlcd assign` writes it.
 
-Runs are shared between tests (module fixtures):
+Runs are shared between tests (one module fixture starts them together):
 - ``ref``: 40 uninterrupted steps (checkpoints, tensorboard, metrics);
 - ``sigterm``: the same command, SIGTERM to torchrun after step 12, then the same command
   again: its final weights must equal ``ref``'s;
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from mlcd_train import train
+from mlcd_train.trainer.checkpoint import list_checkpoints
 from mlcd_train.utils.errors import MLCDError
 from tests.dist_utils import free_port
 from tests.fixtures import make_sample_shards
@@ -95,18 +96,6 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
 
 
-def wait_for_step(proc, out: Path, step: int, timeout=120) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        m = metrics(out)
-        if m and m[-1]["step"] >= step:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before step {step}:\n{log_text(out)[-3000:]}")
-        time.sleep(0.02)
-    pytest.fail(f"step {step} not reached in {timeout}s")
-
-
 def ckpt(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:08d}"
 
@@ -133,38 +122,46 @@ def assert_same_weights(a: Path, b: Path, tol=1e-4, ranks=2):
 # ----------------------------------------------------------------------------- runs
 
 @pytest.fixture(scope="module")
-def ref(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "ref"
-    p = torchrun(data, out, "train.save_every=10")
-    assert wait(p, out) == 0, log_text(out)[-3000:]
-    return out
+def runs(data, tmp_path_factory):
+    """The three 2-rank runs, started together (they spend most of their time starting up)."""
+    root = tmp_path_factory.mktemp("runs")
+    ref, term, kill = root / "ref", root / "sigterm", root / "sigkill"
+    # the reference reads in the trainer process (num_workers=0), the others through a loader
+    # worker: one worker per rank yields the same stream, so the weights must still agree
+    p_ref = torchrun(data, ref, "train.save_every=10", "data.num_workers=0")
+    p_term = torchrun(data, term, "train.save_every=10")
+    p_kill = torchrun(data, kill, "train.save_every=5", max_restarts=1)
+    pending = {"term": (p_term, term), "kill": (p_kill, kill)}
+    t0 = time.monotonic()
+    while pending and time.monotonic() - t0 < 150:
+        for name, (p, out) in list(pending.items()):
+            m = metrics(out)
+            if m and m[-1]["step"] >= 12:
+                if name == "term":
+                    p.send_signal(signal.SIGTERM)    # what SLURM / a preempting scheduler does
+                else:
+                    children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+                    assert len(children) == 2, children
+                    os.kill(int(children[1]), signal.SIGKILL)   # one worker dies hard
+                del pending[name]
+            elif p.poll() is not None:
+                pytest.fail(f"{name} ended (rc {p.returncode}) before step 12:\n{log_text(out)[-3000:]}")
+        time.sleep(0.02)
+    assert not pending, f"step 12 not reached by {list(pending)}"
+    rc_ref = wait(p_ref, ref)
+    assert rc_ref == 0, log_text(ref)[-3000:]
+    wait(p_term, term)
+    first = log_text(term)
+    stopped = [s for s, _ in list_checkpoints(term / "checkpoints")]
+    p_term = torchrun(data, term, "train.save_every=10")     # the very same command again
+    rc_kill = wait(p_kill, kill)
+    rc_term = wait(p_term, term)
+    return {"ref": ref, "term": (term, first, stopped, rc_term), "kill": (kill, rc_kill)}
 
 
 @pytest.fixture(scope="module")
-def sigterm(data, ref):
-    out = ref.parent / "sigterm"
-    p = torchrun(data, out, "train.save_every=10")
-    wait_for_step(p, out, 12)
-    p.send_signal(signal.SIGTERM)          # what SLURM / a preempting scheduler does
-    wait(p, out)
-    first = log_text(out)
-    stopped = [s for s, _ in __import__("mlcd_train.trainer.checkpoint", fromlist=["x"]).list_checkpoints(
-        out / "checkpoints")]
-    p = torchrun(data, out, "train.save_every=10")   # the very same command
-    rc = wait(p, out)
-    return out, first, stopped, rc
-
-
-@pytest.fixture(scope="module")
-def sigkill(data, ref):
-    out = ref.parent / "sigkill"
-    p = torchrun(data, out, "train.save_every=5", max_restarts=1)
-    wait_for_step(p, out, 12)
-    children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
-    assert len(children) == 2, children
-    os.kill(int(children[1]), signal.SIGKILL)
-    rc = wait(p, out)
-    return out, rc
+def ref(runs):
+    return runs["ref"]
 
 
 def test_run_writes_checkpoints_tensorboard_metrics(ref):
@@ -203,8 +200,8 @@ def test_run_writes_checkpoints_tensorboard_metrics(ref):
     assert cfg["train"]["steps"] == STEPS and cfg["loss"]["num_classes"] == K   # resolved from meta.json
 
 
-def test_sigterm_saves_and_restart_matches_uninterrupted(ref, sigterm):
-    out, first, stopped, rc = sigterm
+def test_sigterm_saves_and_restart_matches_uninterrupted(ref, runs):
+    out, first, stopped, rc = runs["term"]
     assert "stop signal received" in first
     last = stopped[-1]
     assert 12 <= last < STEPS and f"saved step {last}" in first
@@ -218,8 +215,8 @@ def test_sigterm_saves_and_restart_matches_uninterrupted(ref, sigterm):
         assert r["loss"] == pytest.approx(ref_loss[r["step"]], abs=1e-4)
 
 
-def test_sigkill_of_one_worker_restarts_and_finishes(ref, sigkill):
-    out, rc = sigkill
+def test_sigkill_of_one_worker_restarts_and_finishes(ref, runs):
+    out, rc = runs["kill"]
     assert rc == 0, log_text(out)[-3000:]
     assert "resumed from" in log_text(out)
     assert_same_weights(ckpt(ref, STEPS), ckpt(out, STEPS))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlcd_train.utils.errors import MLCDError
@@ -132,7 +132,11 @@ class LabelTable:
 # ----------------------------------------------------------------------------- augmentation
 
 class Augment:
-    """Random resized crop + horizontal flip + normalisation, driven by an explicit generator."""
+    """Random resized crop + horizontal flip + normalisation, driven by an explicit generator.
+
+    The crop follows torchvision's RandomResizedCrop (area fraction in ``scale``, log-uniform
+    aspect ratio in ``ratio``, 10 tries, then a centre crop), resized bicubically by PIL.
+    """
 
     def __init__(self, image_size: int, aug) -> None:
         self.size = image_size
@@ -140,7 +144,8 @@ class Augment:
         self.scale = tuple(aug.scale)
         self.log_ratio = (math.log(aug.ratio[0]), math.log(aug.ratio[1]))
         self.flip = aug.flip
-        self.mean, self.std = list(aug.mean), list(aug.std)
+        self.mean = torch.tensor(aug.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(aug.std, dtype=torch.float32).view(3, 1, 1)
 
     def _crop_box(self, w: int, h: int, g: torch.Generator) -> tuple[int, int, int, int]:
         area = w * h
@@ -166,19 +171,18 @@ class Augment:
         return (h - ch) // 2, (w - cw) // 2, ch, cw
 
     def __call__(self, img, seed: int) -> torch.Tensor:
+        """Crop box and flip drawn from ``seed``; bicubic resize (PIL, antialiased) of the box."""
         g = torch.Generator().manual_seed(seed)
-        size = [self.size, self.size]
+        w, h = img.size
         if self.rrc:
-            i, j, ch, cw = self._crop_box(img.width, img.height, g)
-            img = TF.resized_crop(img, i, j, ch, cw, size, interpolation=TF.InterpolationMode.BICUBIC,
-                                  antialias=True)
+            i, j, ch, cw = self._crop_box(w, h, g)
         else:
-            img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        flip = bool(torch.rand(1, generator=g).item() < 0.5)
-        if self.flip and flip:
-            img = TF.hflip(img)
-        x = TF.pil_to_tensor(img).float().div_(255.0)
-        return TF.normalize(x, self.mean, self.std)
+            i, j, ch, cw = 0, 0, h, w
+        img = img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=(j, i, j + cw, i + ch))
+        if self.flip and bool(torch.rand(1, generator=g).item() < 0.5):
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - self.mean) / self.std
 
 
 # ----------------------------------------------------------------------------- stream
