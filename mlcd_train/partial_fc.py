@@ -4,19 +4,23 @@ API (what the trainer uses)::
 
     pfc = PartialFC(embedding_size, num_classes, sample_rate=0.1, scale=64.0, margin=0.3,
                     margin_type="arc", loss="mlcd", seed=0, group=None, device=None)
-    loss = pfc(local_embeddings, local_labels)     # [B, d] float, [B, l] int (-1 = padding)
+    loss = pfc(local_embeddings, local_labels)     # [B, d] float, [B, l] or [B] int (-1 = padding)
     opt = pfc.make_optimizer(lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                              kind="adamw", momentum=0.0)   # -> PartialFCOptimizer
-    save_partial_fc(pfc, path, optimizer=None)     # one file per rank: shard_file_name(rank)
-    load_partial_fc(pfc, sources, optimizer=None)  # sources: folder or list of shard files
-                                                    # saved with ANY number of ranks
+    opt.zero_grad(); loss.backward(); opt.step()   # lr: opt.param_groups[0]["lr"]
+    save_partial_fc(pfc, path, optimizer=None)     # this rank's shard; name: shard_file_name(rank)
+    load_partial_fc(pfc, sources, optimizer=None)  # sources: folder of pfc_rank*.pt or list of
+                                                    # files, saved with ANY number of ranks
+    pfc.generator                                  # the sampling torch.Generator (weight's device)
+    pfc.last_index                                 # local rows sampled by the last forward (None = all)
+    class_range(num_classes, world_size, rank)     # -> (class_start, num_local)
 
 * Rank r of W owns the contiguous classes ``pfc.class_start .. pfc.class_start + pfc.num_local``
   (``class_range(num_classes, W, r)``: k // W each, the first k % W ranks one more) in
   ``pfc.weight`` [num_local, d].  Without a process group it is one rank owning every class.
 * ``forward`` all-gathers embeddings (gradient-correct, see below) and labels; every rank
   keeps every class positive for some sample of the global batch plus random negatives up to
-  ``int(sample_rate * num_local)`` (``pfc.generator``, seeded ``seed + rank``), redrawn each
+  ``int(sample_rate * num_local)`` (``pfc.generator``, seeded ``seed * 1000003 + rank``), redrawn each
   step; ``sample_rate >= 1`` uses all classes.  A class positive for one sample is a negative
   for the others.  Repeated labels in a row count once.  Every rank returns the same loss,
   the mean over the global batch, computed in fp32 (fp64 when the inputs are fp64) whatever
@@ -33,7 +37,8 @@ API (what the trainer uses)::
   phi = cos - m * sin(m), which keeps phi decreasing in theta; "cos" cos - m.
   Sums over classes on other ranks go through max-stabilised all-reduces (a log-sum-exp
   across ranks).  The [global batch, sampled] logits are never stored: they are computed in
-  column chunks in forward and recomputed in backward.
+  column chunks in forward and recomputed in backward; the one large temporary is the dense
+  [num_local, d] weight gradient (zero on unsampled rows).
 * Gradient scale: the embedding gradient returned to each rank is world_size x d(loss)/d(its
   embeddings), so the usual DDP gradient averaging of the backbone gives exactly the gradient
   of the global-mean loss (one step on W ranks == one step on 1 rank with the whole batch).
@@ -43,7 +48,9 @@ API (what the trainer uses)::
   every rank, never a hang.
 * ``PartialFCOptimizer`` (``make_optimizer``) updates only the rows sampled since its last
   step (row-wise AdamW with per-row step counts, or SGD with momentum); rows not sampled keep
-  their weight and optimiser state bit for bit.  Its state lives with the shard.  Plain
+  their weight and optimiser state bit for bit.  Its state lives with the shard.  Its
+  ``zero_grad`` also forgets the rows of forwards not followed by a step (a skipped step);
+  several forwards before one step (gradient accumulation) update the union of their rows.  Plain
   ``torch.optim`` optimisers over ``pfc.parameters()`` also work (the gradient of unsampled
   rows is zero, but weight decay / momentum then move them).
 * ``pfc.state_dict()`` carries num_classes, world_size, rank, class range and embedding
