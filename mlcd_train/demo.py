@@ -147,7 +147,8 @@ class Demo:
         a = self.args
         overrides = [f"output_dir={self.p('train')}", f"seed={a.seed}", f"data.shards={self.p('shards', 'train')}",
                      f"data.labels={self.p('labels')}", f"train.steps={a.steps}", f"loss.l={a.l}",
-                     f"train.save_every={a.steps}", "train.device=cpu", "data.num_workers=1"]
+                     f"train.save_every={a.steps}", f"train.log_every={max(1, min(10, a.steps // 20))}",
+                     "train.device=cpu", "data.num_workers=1"]
         if a.batch_size:
             overrides.append(f"train.global_batch_size={a.batch_size}")
         if a.warmup is not None:
@@ -313,7 +314,8 @@ def plot_loss_curve(metrics_path, png_path) -> str:
     if recs and "lr" in recs[0]:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="tab:orange", alpha=0.5, label="lr")
-        ax2.set_ylabel("learning rate")
+        ax2.set_ylabel("learning rate", color="tab:orange")
+        ax2.tick_params(axis="y", colors="tab:orange")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_open(png_path, "wb") as f:
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 40)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size over the ranks (default: the preset's 128; --quick 64)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the preset's, at most steps/5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(100, steps/5))")
     p.add_argument("--nproc", type=int, default=2, help="training ranks under torchrun (default 2; 1: no torchrun)")
     p.add_argument("--pca-dim", type=int, default=64, help="teacher dimension (default 64)")
     p.add_argument("--seed", type=int, default=0)
