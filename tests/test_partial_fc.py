@@ -91,13 +91,15 @@ def test_loss_and_gradients_equal_the_dense_formula(loss, margin_type):
     torch.testing.assert_close(pfc.weight.grad.double(), w_ref.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_float64_gradients_match_autograd_of_the_reference_exactly():
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_float64_gradients_match_autograd_of_the_reference_exactly(rate):
     _, emb, weight, labels = make_data(1)
-    pfc = make_pfc(weight.double(), max_chunk_elems=4 * D, dtype=torch.float64)
+    pfc = make_pfc(weight.double(), sample_rate=rate, max_chunk_elems=2 * D, dtype=torch.float64)
     e = emb.double().requires_grad_()
     pfc(e, labels).backward()
+    classes = None if pfc.last_index is None else pfc.last_index.tolist()
     e_ref, w_ref = emb.double().requires_grad_(), weight.double().requires_grad_()
-    dense_loss(e_ref, w_ref, labels, "mlcd", "arc").backward()
+    dense_loss(e_ref, w_ref, labels, "mlcd", "arc", classes=classes).backward()
     torch.testing.assert_close(e.grad, e_ref.grad, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(pfc.weight.grad, w_ref.grad, atol=1e-10, rtol=1e-9)
 
@@ -327,6 +329,10 @@ def test_resharding_3_to_2_to_1_preserves_centres_and_optimizer_state(tmp_path):
     other = PartialFC(d, k + 1)
     with pytest.raises(MLCDError, match="num_classes"):
         load_partial_fc(other, tmp_path / "w2")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / shard_file_name(0)).write_bytes(b"not a checkpoint")
+    with pytest.raises(MLCDError, match="pfc_rank0.pt"):
+        load_partial_fc(p, tmp_path / "bad")
     sgd = p.make_optimizer(lr=1.0, kind="sgd")
     with pytest.raises(MLCDError, match="optimizer kind"):
         load_partial_fc(p, tmp_path / "w2", sgd)
