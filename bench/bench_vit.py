@@ -4,7 +4,8 @@ One step = zero grads, forward, a scalar loss, backward (no optimiser: it is the
 both).  The two models are timed alternately in one run, medians of several repeats;
 ratio = our images/s / timm's images/s, target >= 0.95 for the CLIP-style tower.  The
 RoPE2D tower is timed against transformers' MLCDVisionModel of the same dims (target >= 0.95).
-CPU rows use one thread: on a shared machine that is far less noisy.
+CPU rows use one thread and count process CPU time, not wall time: on a shared machine other
+processes then slow neither side's figure (images/s are per CPU-second).
 
 On a GPU (when one is present) it also measures ViT-B/16-224 and ViT-L/14-224 bf16 training
 images/s and model FLOPs utilisation (3 x forward FLOPs per image; peak from
@@ -56,7 +57,7 @@ def _step_fn(model, x, autocast_dtype=None):
     return step
 
 
-def _alternate(fns: dict, rounds: int, warmup: int = 2) -> dict:
+def _alternate(fns: dict, rounds: int, warmup: int = 2, clock=time.perf_counter) -> dict:
     """Median seconds per step of each fn, one step of each in turn per round, so that load
     changes on a shared machine hit every model alike."""
     for fn in fns.values():
@@ -65,9 +66,9 @@ def _alternate(fns: dict, rounds: int, warmup: int = 2) -> dict:
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -94,7 +95,7 @@ def _hf_step_fn(model, x, autocast_dtype=None):
 
 
 def cpu_rows(quick: bool, threads: int = 1) -> list[dict]:
-    """CPU rows; one thread by default, which is far less noisy on a shared machine."""
+    """CPU rows: one thread, process CPU time (robust to other processes on a shared machine)."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     cases = [("ViT-Tiny-4-28", 32), ("ViT-Small-8-64", 16)]
@@ -111,9 +112,9 @@ def cpu_rows(quick: bool, threads: int = 1) -> list[dict]:
             ref_rope = hf_mlcd_twin(rope.config).train()
             x = torch.randn(batch, 3, ours.config.image_size, ours.config.image_size)
             t = _alternate({"ours": _step_fn(ours, x), "timm": _step_fn(ref, x), "rope": _step_fn(rope, x),
-                            "hf": _hf_step_fn(ref_rope, x)}, rounds=repeats)
+                            "hf": _hf_step_fn(ref_rope, x)}, rounds=repeats, clock=time.process_time)
             ips = {k: batch / v for k, v in t.items()}
-            note = f"batch {batch}, {threads} thread(s), median of {repeats} alternated steps"
+            note = f"batch {batch}, {threads} thread, process CPU time, median of {repeats} alternated steps"
             rows.append(row("vit", f"{name} abs fwd+bwd img/s (CPU fp32)", ips["ours"], ips["timm"],
                             "timm VisionTransformer", ips["ours"] / ips["timm"], ">= 0.95", note))
             rows.append(row("vit", f"{name} rope2d fwd+bwd img/s (CPU fp32)", ips["rope"], ips["hf"],

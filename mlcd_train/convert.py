@@ -30,6 +30,7 @@ Python: :func:`convert_to_hf`, :func:`import_from_hf` (returns our model),
 from __future__ import annotations
 
 import argparse
+import textwrap
 import contextlib
 import os
 import shutil
@@ -399,18 +400,24 @@ def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Opti
 
 
 # --------------------------------------------------------------------------- CLI
+EPILOG = """examples:
+  mlcd convert --checkpoint_path mlcd_vit.pt --pytorch_dump_folder_path hf_dir
+  python tools/convert_to_hf.py --checkpoint_path native_bigG.pt --pytorch_dump_folder_path hf_dir --image_size 336
+  mlcd convert --from-hf mlcd-vit-bigG-patch14-336 --out bigG_336.pt
+"""
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlcd convert",
-        description="Convert a native MLCD export (mlcd export's X.pt, or a native RoPE2D checkpoint as the "
+        description=textwrap.fill("Convert a native MLCD export (mlcd export's X.pt, or a native RoPE2D checkpoint as the "
                     "public conversion script reads) into a Hugging Face directory: MLCDVisionModel for RoPE2D "
                     "towers, CLIPVisionModel / CLIPVisionModelWithProjection for learned absolute positions; "
                     "safetensors weights and a CLIPImageProcessor config. The written directory is reloaded "
                     "with transformers and checked against our model (class-token cosine > 0.9999 at every "
                     "layer, last hidden state within 1e-4); on failure nothing is left behind and the command "
                     "exits non-zero. With --from-hf DIR --out X.pt it imports a Hugging Face MLCD or CLIP "
-                    "vision directory into our native format instead.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "vision directory into our native format instead.", 100),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--checkpoint_path", "--checkpoint-path", help="native export X.pt (its X.json sidecar is used "
                    "when present) or an mlcd trainer checkpoint model.pt")
     p.add_argument("--pytorch_dump_folder_path", "--pytorch-dump-folder-path", "--out_dir",

@@ -17,6 +17,7 @@ Python: :func:`export_checkpoint`, :func:`load_native` (state dict + sidecar),
 from __future__ import annotations
 
 import argparse
+import textwrap
 import os
 import re
 import sys
@@ -270,14 +271,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     return load_json(sidecar_path(out))
 
 
+EPILOG = """examples:
+  mlcd export --checkpoint runs/b32 --out b32.pt            # newest complete checkpoint of the run
+  mlcd export --checkpoint runs/b32/checkpoints/step_00010000 --out b32_10k.pt --dtype bfloat16
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlcd export",
-        description="Export the vision backbone of an mlcd training checkpoint as a flat native state dict "
+        description=textwrap.fill("Export the vision backbone of an mlcd training checkpoint as a flat native state dict "
                     "(X.pt, loadable with torch.load(weights_only=True)) plus a JSON sidecar X.json naming "
                     "the model config and image size. RoPE2D towers use the native MLCD layout that the "
-                    "public Hugging Face conversion script reads; CLIP-style towers use open_clip's names.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "public Hugging Face conversion script reads; CLIP-style towers use open_clip's names.", 100),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--checkpoint", required=True,
                    help="a trainer checkpoint file (OUT/checkpoints/step_XXXXXXXX/model.pt), a step folder, "
                         "or a run's output folder (its newest complete checkpoint, i.e. with meta.json)")
