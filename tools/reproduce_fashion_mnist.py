@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -95,7 +96,8 @@ class Repro:
     def rows(self) -> list[dict]:
         a = self.a
         rows = [{"row": "teacher", "kind": "teacher"}, {"row": "random_init", "kind": "random"}]
-        for k in a.k_list:
+        # the paper's headline comparison (k-main) first, so an interrupted run has it
+        for k in sorted(a.k_list, key=lambda k: k != a.k_main):
             rows.append({"row": f"unicom_k{k}", "kind": "train", "loss": "unicom", "l": 1, "k": k, "r": 0.1})
             rows.append({"row": f"mlcd_k{k}_l8", "kind": "train", "loss": "mlcd", "l": 8, "k": k, "r": 0.1})
         for l in a.l_list:
@@ -175,10 +177,10 @@ class Repro:
             commands.append(f"# torch.manual_seed({a.seed}); create_model({a.model!r}, **{a.model_overrides})")
         else:
             cmd = self.train_cmd(row)
-            commands.append(" ".join(cmd))
+            commands.append(shlex.join(cmd))
             done = Path(rdir, "train", "checkpoints", f"step_{a.steps:08d}", "meta.json")
             if not done.exists():
-                log(f"{row['row']}: {' '.join(cmd)}")
+                log(f"{row['row']}: {shlex.join(cmd)}")
                 t1 = time.perf_counter()
                 with open(os.path.join(rdir, "train.log"), "ab") as f:
                     rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
@@ -189,11 +191,11 @@ class Repro:
             export = os.path.join(rdir, "student.pt")
             exp_argv = ["--checkpoint", os.path.join(rdir, "train"), "--out", export]
             call("mlcd_train.export", exp_argv)
-            commands.append("mlcd export " + " ".join(exp_argv))
+            commands.append(shlex.join(["mlcd", "export"] + exp_argv))
             spec = "mlcd:" + export
         pargv = self.probe_argv(spec, os.path.join(rdir, "probe"))
         call("mlcd_train.probe", pargv)
-        commands.append("mlcd probe " + " ".join(pargv))
+        commands.append(shlex.join(["mlcd", "probe"] + pargv))
         pr = json.load(open(os.path.join(rdir, "probe", "probe.json")))
         res = {**row, "linear_top1": pr["linear"]["top1"], "knn_top1": pr["knn"]["top1"], "l2": pr["linear"]["l2"],
                "n_probe_train": pr["n_train"], "n_probe_test": pr["n_test"], "seed": a.seed,
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-main", type=int, default=1000, help="k of the l sweep")
     p.add_argument("--k-rate", type=int, default=5000, help="k of the sample-rate comparison (r matters only "
                                                           "when k is much larger than the positives of a batch)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per row (CPU default 500, GPU 7032)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per row (CPU default 200, GPU 7032)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (CPU default 128, GPU 256)")
     p.add_argument("--model", default="ViT-Tiny-4-28")
     p.add_argument("--model-overrides", default=None, help=f"YAML dict (CPU default {CPU_MODEL}; GPU: none)")
@@ -324,7 +326,7 @@ def main(argv=None) -> int:
         a.device = a.device or "cuda"
         a.workers = max(a.workers, 6)
     else:
-        a.steps = a.steps or 500
+        a.steps = a.steps or 200
         a.batch_size = a.batch_size or 128
         a.model_overrides = a.model_overrides or CPU_MODEL
         a.device = a.device or "cpu"
