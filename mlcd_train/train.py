@@ -252,19 +252,29 @@ class Trainer:
         return iter(loader)
 
     def _check_data(self):
-        cfg = self.cfg
-        if cfg.data.synthetic or not self.info.is_main:
+        """Rank 0 checks the label folder against the shards; every rank raises its verdict."""
+        cfg, info = self.cfg, self.info
+        if cfg.data.synthetic:
             return
-        from mlcd_train.data.reader import list_shards
+        err = None
+        if info.is_main:
+            try:
+                from mlcd_train.data.reader import list_shards
 
-        shards = list_shards(cfg.data.shards)
-        if not shards:
-            raise MLCDError(f"config key 'data.shards': no shards found in {cfg.data.shards}")
-        sizes = None
-        sizes_path = Path(cfg.data.shards) / "sizes.json"
-        if sizes_path.is_file():
-            sizes = json.loads(sizes_path.read_text())
-        check_labels(shards, cfg.data.labels, sizes, cfg.loss.l, cfg.data.check_keys_shards)
+                shards = list_shards(cfg.data.shards)
+                if not shards:
+                    raise MLCDError(f"config key 'data.shards': no shards found in {cfg.data.shards}")
+                sizes_path = Path(cfg.data.shards) / "sizes.json"
+                sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else None
+                check_labels(shards, cfg.data.labels, sizes, cfg.loss.l, cfg.data.check_keys_shards)
+            except MLCDError as exc:
+                err = str(exc)
+        if info.distributed:  # the other ranks must not wait at a barrier for a rank that gave up
+            box = [err]
+            dist.broadcast_object_list(box, src=0)
+            err = box[0]
+        if err:
+            raise MLCDError(err)
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_folder(self) -> Path | None:
