@@ -297,7 +297,9 @@ class PartialFC(nn.Module):
     @property
     def num_sample(self) -> int:
         """Classes sampled on this rank when positives are fewer (all when sample_rate >= 1)."""
-        return self.num_local if self.sample_rate >= 1.0 else min(self.num_local, int(self.sample_rate * self.num_local))
+        if self.sample_rate >= 1.0:
+            return self.num_local
+        return min(self.num_local, int(self.sample_rate * self.num_local))
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/"
@@ -622,7 +624,8 @@ def load_partial_fc(pfc: PartialFC, sources: str | os.PathLike | Sequence[str | 
         except Exception as exc:  # noqa: BLE001 - corrupt file
             raise MLCDError(f"{path}: not a readable PartialFC shard ({exc})") from None
         if not isinstance(st, dict) or st.get("format") != FORMAT:
-            raise MLCDError(f"{path}: not a PartialFC shard (format {st.get('format') if isinstance(st, dict) else None!r})")
+            fmt = st.get("format") if isinstance(st, dict) else None
+            raise MLCDError(f"{path}: not a PartialFC shard (format {fmt!r}, expected {FORMAT!r})")
         for key, want in (("num_classes", pfc.num_classes), ("embedding_size", pfc.embedding_size)):
             if st.get(key) != want:
                 raise MLCDError(f"{path}: {key} is {st.get(key)}, this run has {want}")
