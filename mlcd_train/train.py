@@ -369,6 +369,13 @@ class Trainer:
             if info.is_main:
                 print(f"mlcd train: already at step {start} of {total}; nothing to do", file=sys.stderr)
             return 0
+        if info.is_main:
+            nparam = sum(p.numel() for p in self.core.parameters())
+            print(f"mlcd train: {cfg.model.name} ({nparam / 1e6:.1f}M parameters) on {info.world_size} "
+                  f"rank(s) [{info.backend or 'single process'}, {info.device.type}], batch "
+                  f"{cfg.train.global_batch_size} ({self.batch} per rank), loss {cfg.loss.name} k={cfg.loss.num_classes} "
+                  f"l={cfg.loss.l} r={cfg.loss.sample_rate}, steps {start}->{total}, output {self.out}",
+                  file=sys.stderr, flush=True)
         data = self._build_data(start)
         log = MetricsLog(self.out, start, info.is_main)
         stop = StopFlag()
@@ -396,7 +403,11 @@ class Trainer:
         clip = cfg.optim.clip_grad_norm
         opts = [(self.opt, cfg.optim.lr), (self.pfc_opt, self.pfc_lr)]
         nonfinite_run = 0
-        bar = progress(total=total, initial=start, desc="train", unit="step", rank=info.rank)
+        # a bar on a terminal; plain lines (one per log step) in batch logs, where \r updates pile up
+        self.lines = (info.is_main and not sys.stderr.isatty() and os.environ.get("MLCD_QUIET", "0") != "1")
+        self.t_start, self.start_step = time.perf_counter(), start
+        bar = progress(total=total, initial=start, desc="train", unit="step", rank=info.rank,
+                       disable=True if self.lines else None)
         win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
         win_loss, win_norm = 0.0, 0.0
         step = start
@@ -473,6 +484,12 @@ class Trainer:
         log.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}",
                         wait=f"{rec['data_wait']:.1%}", refresh=False)
+        if self.lines:
+            el = time.perf_counter() - self.t_start
+            eta = el / max(1, step - self.start_step) * (total - step)
+            print(f"train step {step}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.3e} "
+                  f"{rec['img_per_s']:.0f} img/s data-wait {rec['data_wait']:.1%} grad-norm {rec['grad_norm']:.3g} "
+                  f"skipped {self.skipped} elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
