@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cand-dtype", choices=["bfloat16", "float16", "tf32", "float32"], default=None,
                    help="torch backend candidate matmul precision (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu", action="store_true", help="use the GPU (faiss-gpu when importable, else torch)")
-    p.add_argument("--chunk", type=int, default=65536, help="rows searched at once (default 65536)")
+    p.add_argument("--chunk", type=int, default=16384, help="rows searched at once (default 16384)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.add_argument("--embedder", default=None, help="fail unless EMB was made with this embedder spec")
     p.add_argument("--overwrite", action="store_true", help="redo finished shards")
@@ -107,7 +107,11 @@ def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold,
     """(labels int32 [n, L], scores float16 [n, L]) of one shard; reads overlap the search."""
     labels = np.empty((shard.n, L), dtype=np.int32)
     scores = np.empty((shard.n, L), dtype=np.float16)
-    for start, x in store.prefetch(store.iter_chunks(shard, chunk)):
+    # the reader thread only reads (float16); conversion and checks happen here, so at most
+    # two raw chunks and one float32 chunk are alive: memory is bounded by --chunk, not n
+    for start, raw in store.prefetch(store.iter_raw_chunks(shard, chunk)):
+        x = store.to_checked_f32(raw, shard, start)
+        del raw
         D, I = searcher.search(x, L)
         D = np.where(I < 0, -np.inf, D)  # IVF: fewer than L centres in the probed lists
         lab, sc = apply_threshold(I.astype(np.int32), D, threshold)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loader(shards, transform, batch_size, workers):
+def _loader(shards, transform, batch_size, workers, pin_memory=False):
     from torch.utils.data import DataLoader
 
     from mlcd_train.data.reader import ShardDataset, collate_samples
@@ -61,7 +61,7 @@ def _loader(shards, transform, batch_size, workers):
     ds = ShardDataset(shards, transform=transform, rank=0, world_size=1)
     nw = min(workers, len(shards))
     return DataLoader(ds, batch_size=batch_size, num_workers=nw, collate_fn=collate_samples,
-                      pin_memory=False, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=False)
 
 
 def fit_pca(embedder, shards, n: int, batch_size: int, workers: int):
@@ -86,7 +86,7 @@ def embed_group(embedder, group: list[str], out: str, batch_size: int, workers: 
     from mlcd_train.data.reader import shard_name
 
     buf = {shard_name(s): ([], [], [], [], []) for s in group}  # index, key, cls, emb chunks
-    for b in _loader(group, embedder.transform, batch_size, workers):
+    for b in _loader(group, embedder.transform, batch_size, workers, pin_memory=embedder.device.type == "cuda"):
         e = embedder(b["image"])
         if not torch.isfinite(e).all():
             row = int((~torch.isfinite(e).all(1)).nonzero()[0])

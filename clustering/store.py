@@ -158,8 +158,8 @@ def check_rows(x: np.ndarray, shard: EmbShard, start: int) -> None:
                         f"({int(zero.sum())} such rows in this chunk)")
 
 
-def read_rows(shard: EmbShard, start: int, stop: int, check: bool = True) -> np.ndarray:
-    """Rows ``start:stop`` of a shard as float32, read with one seek + read."""
+def read_raw(shard: EmbShard, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` as stored (float16), read with one seek + read."""
     info = shard.info
     count = (stop - start) * shard.d
     with open(shard.path, "rb") as f:
@@ -167,16 +167,31 @@ def read_rows(shard: EmbShard, start: int, stop: int, check: bool = True) -> np.
         a = np.fromfile(f, dtype=info.dtype, count=count)
     if a.size != count:  # the file shrank after validation
         raise MLCDError(f"{shard.path}: truncated while reading rows {start}:{stop}")
-    x = a.reshape(stop - start, shard.d).astype(np.float32)
+    return a.reshape(stop - start, shard.d)
+
+
+def to_checked_f32(raw: np.ndarray, shard: EmbShard, start: int, check: bool = True) -> np.ndarray:
+    x = raw.astype(np.float32)
     if check:
         check_rows(x, shard, start)
     return x
+
+
+def read_rows(shard: EmbShard, start: int, stop: int, check: bool = True) -> np.ndarray:
+    """Rows ``start:stop`` of a shard as float32, validated (NaN, zero norm)."""
+    return to_checked_f32(read_raw(shard, start, stop), shard, start, check)
 
 
 def iter_chunks(shard: EmbShard, chunk_rows: int, check: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     """(start row, float32 [m, d]) chunks of one shard, validated (NaN, zero norm)."""
     for start in range(0, shard.n, chunk_rows):
         yield start, read_rows(shard, start, min(shard.n, start + chunk_rows), check)
+
+
+def iter_raw_chunks(shard: EmbShard, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start row, stored-dtype [m, d]) chunks; convert with :func:`to_checked_f32`."""
+    for start in range(0, shard.n, chunk_rows):
+        yield start, read_raw(shard, start, min(shard.n, start + chunk_rows))
 
 
 def gather(folder: EmbFolder, rows: np.ndarray, check: bool = True, chunk_rows: int = 1 << 16) -> np.ndarray:
@@ -280,7 +295,7 @@ def write_meta(root: str | os.PathLike, embedder: str, dim: int, counts: dict, c
                       "counts": {k: int(v) for k, v in counts.items()}, **extra})
 
 
-def prefetch(iterable, depth: int = 2):
+def prefetch(iterable, depth: int = 1):
     """Iterate ``iterable`` in a background thread, ``depth`` items ahead (file reads and fp16
     conversion overlap the search, which releases the GIL).  Exceptions are re-raised here."""
     import queue

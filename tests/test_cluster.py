@@ -85,29 +85,40 @@ def test_torch_lloyd_equals_faiss_from_same_init(mixture):
     init = kmeans.initial_centroids(x, 12, "random", 5)
     cf, sf = kmeans.faiss_kmeans(x, init, 4, 5)
     ct, st = kmeans.torch_lloyd(x, init, 4, 5)
-    if all(s["nsplit"] == 0 for s in sf):  # faiss splits empty clusters at random; compare otherwise
-        np.testing.assert_allclose(ct, cf, atol=1e-4)
-        np.testing.assert_allclose([s["obj"] for s in st], [s["obj"] for s in sf][: len(st)], rtol=1e-5)
+    # faiss splits empty clusters at random: this data and init have none, so both must agree
+    assert all(s["nsplit"] == 0 for s in sf) and all(s["nsplit"] == 0 for s in st)
+    np.testing.assert_allclose(ct, cf, atol=1e-4)
+    np.testing.assert_allclose([s["obj"] for s in st], [s["obj"] for s in sf][: len(st)], rtol=1e-5)
 
 
-def _dist_cluster(rank, world, emb, out, k):
+def _dist_cluster(rank, world, emb, out, k, x, init):
+    # 1) the whole stage under 2 ranks; 2) Lloyd's itself from duplicated centres (empty clusters)
     kmeans.main(["--emb", emb, "--k", str(k), "--out", out, "--method", "distributed", "--niter", "6",
                  "--init", "random", "--seed", "2"])
-    return rank
+    return kmeans.torch_lloyd(np.array_split(x, world)[rank], init, 5, 1)
 
 
 def test_distributed_lloyd_equals_single_process(mixture, tmp_path):
     root, _, _ = mixture
-    k = 12  # more centres than components: exercises empty-cluster splitting too
+    k = 12
     single, ms = _cluster(root, tmp_path / "one", "--method", "distributed", "--niter", "6", "--init", "random",
                           "--seed", "2", k=k)
-    run_distributed(_dist_cluster, 2, (str(root), str(tmp_path / "two"), k))
+    emb = store.open_emb(root)
+    x = store.gather(emb, np.arange(emb.total))
+    init = np.concatenate([x[:6], x[:2]])  # duplicated centres: two start empty and get split
+    c1, s1 = kmeans.torch_lloyd(x, init, 5, 1)
+    assert s1[0]["nsplit"] == 2
+    results = run_distributed(_dist_cluster, 2, (str(root), str(tmp_path / "two"), k, x, init))
     two = np.load(tmp_path / "two" / "centroids.npy")
     mt = json.load(open(tmp_path / "two" / "meta.json"))
     assert mt["world_size"] == 2 and ms.get("world_size", 1) == 1
     np.testing.assert_allclose(two, single, atol=1e-6)
     np.testing.assert_allclose(mt["objective"], ms["objective"], rtol=1e-9)
     assert mt["nsplit"] == ms["nsplit"]
+    for c2, s2 in results:
+        np.testing.assert_allclose(c2, c1, atol=1e-6)
+        assert [s["nsplit"] for s in s2] == [s["nsplit"] for s in s1]
+        np.testing.assert_allclose([s["obj"] for s in s2], [s["obj"] for s in s1], rtol=1e-9)
 
 
 def test_allocate_two_level():
@@ -157,20 +168,3 @@ def test_missing_truncated_other_embedder(tmp_path):
         kmeans.main(args)
     assert ((out / "centroids.npy").read_bytes(), (out / "meta.json").read_bytes()) == before
 
-
-def _dist_lloyd(rank, world, x, init):
-    part = np.array_split(x, world)[rank]
-    return kmeans.torch_lloyd(part, init, 5, 1)
-
-
-def test_distributed_lloyd_splits_empty_clusters_like_single_process(mixture):
-    root, _, _ = mixture
-    emb = store.open_emb(root)
-    x = store.gather(emb, np.arange(emb.total))
-    init = np.concatenate([x[:6], x[:2]])  # duplicated centres: two start empty and get split
-    c1, s1 = kmeans.torch_lloyd(x, init, 5, 1)
-    assert s1[0]["nsplit"] == 2
-    for c2, s2 in run_distributed(_dist_lloyd, 2, (x, init)):
-        np.testing.assert_allclose(c2, c1, atol=1e-6)
-        assert [s["nsplit"] for s in s2] == [s["nsplit"] for s in s1]
-        np.testing.assert_allclose([s["obj"] for s in s2], [s["obj"] for s in s1], rtol=1e-9)
