@@ -76,7 +76,7 @@ def bare_loop(steps: int, log_every: int, device: str = "cpu", model: str = MODE
         opt.zero_grad(set_to_none=True)
         popt.zero_grad(set_to_none=True)
         if step % log_every == 0:
-            float(loss)  # the trainer reads the loss every step; sync here at least per window
+            float(loss.detach())  # the trainer reads the loss every step; sync here at least per window
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()

@@ -280,6 +280,10 @@ class Trainer:
     def _resume_folder(self) -> Path | None:
         r = self.cfg.resume
         if r == "none":
+            newest = ck.latest_complete(self.ckdir)
+            if newest is not None:
+                raise MLCDError(f"config key 'resume': resume=none but {self.ckdir} already holds checkpoints "
+                                f"(newest {newest.name}); use resume=auto to continue that run, or another output_dir")
             return None
         if r == "auto":
             return ck.latest_complete(self.ckdir)
@@ -312,10 +316,12 @@ class Trainer:
 
         info = self.info
         folder = ck.step_dir(self.ckdir, step)
-        if (folder / "meta.json").is_file():
+        if step in self.saved:
             return
         if info.is_main:
             folder.mkdir(parents=True, exist_ok=True)
+            # a folder of an earlier run at this step: mark it incomplete before replacing its files
+            (folder / "meta.json").unlink(missing_ok=True)
         barrier()
         P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
         rngs = gather_objects(ck.rng_state(), info)
@@ -336,6 +342,7 @@ class Trainer:
                                    "samples_seen": step * self.cfg.train.global_batch_size,
                                    "model": self.cfg.model.name, "time": time.time()})
             ck.prune(self.ckdir, self.cfg.train.keep_last)
+        self.saved.add(step)
         barrier()
 
     # ------------------------------------------------------------------ loop
@@ -345,8 +352,10 @@ class Trainer:
         self._build_pfc(emb)
         self.opt = build_optimizer(self.core, cfg.optim, info.device)
         self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
+        self.saved: set[int] = set()
         self.worker_stats: dict[int, tuple[int, int]] = {}
         self._check_data()
+        folder = self._resume_folder()
         barrier()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -356,7 +365,6 @@ class Trainer:
             C.save_config(cfg, self.out / "config.yaml")
         barrier()
         start = 0
-        folder = self._resume_folder()
         if folder is not None:
             st = self._load(folder)
             start = int(st["step"])

@@ -307,3 +307,34 @@ def test_nonfinite_loss_skips_then_aborts(tmp_path):
                     "optim.lr=1e30", "optim.clip_grad_norm=0", "train.max_nonfinite_steps=3"])
     rows = metrics(out)
     assert rows and rows[-1]["skipped_steps"] >= 1
+
+
+def _synthetic(out, *extra):
+    return [f"output_dir={out}", "data.synthetic=true", "loss.num_classes=32", "loss.l=2", *TINY[:2],
+            "train.global_batch_size=4", "train.log_every=1", "optim.warmup_steps=0", *extra]
+
+
+def test_sigusr1_saves_at_the_next_step_and_returns_0(tmp_path):
+    import threading
+
+    out = tmp_path / "usr1"
+
+    def send():
+        while not metrics(out) or metrics(out)[-1]["step"] < 3:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=send, daemon=True).start()
+    assert train.main(_synthetic(out, "train.steps=400", "train.save_every=1000")) == 0
+    (step,) = [s for s, _ in list_checkpoints(out / "checkpoints")]
+    assert 3 <= step < 400 and metrics(out)[-1]["step"] == step
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL     # handlers restored
+
+
+def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "done"
+    assert train.main(_synthetic(out, "train.steps=2")) == 0
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(MLCDError, match="'resume'.*step_00000002"):
+        train.main(_synthetic(out, "train.steps=3", "resume=none"))
+    assert (out / "config.yaml").read_text() == before
