@@ -36,10 +36,7 @@ class PCAEmbedder(Embedder):
 
     @property
     def transform(self):
-        from torchvision import transforms as T
-
-        return T.Compose([T.Resize((self.image_size, self.image_size),
-                                   interpolation=T.InterpolationMode.BILINEAR), T.ToTensor()])
+        return _PixelTransform(self.image_size)
 
     def fit(self, batches) -> "PCAEmbedder":
         """Fit on an iterable of [B, 3, S, S] tensors (the transform's output)."""
@@ -95,3 +92,16 @@ class PCAEmbedder(Embedder):
 
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim, "image_size": self.image_size, "projection": self.projection}
+
+
+class _PixelTransform:
+    """PIL RGB -> float tensor [3, S, S] in [0, 1] (bilinear resize); PIL only, picklable."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, img):
+        from PIL import Image
+
+        img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
