@@ -108,9 +108,29 @@ class Demo:
         self.say(f"--- {name} done in {dt:.1f}s: {figure}")
 
     # ------------------------------------------------------------------ stages
+    def subset(self, split: str, n: int) -> str:
+        """The first ``n`` images of the sample's ``split`` as IDX files (classes are mixed in IDX order)."""
+        import shutil
+
+        from mlcd_train.data.sample import SAMPLE_DIR, sample_paths
+        from mlcd_train.data.shards import idx_bytes, read_idx
+        from mlcd_train.utils.io import atomic_write_bytes
+
+        images, labels = sample_paths(split)
+        d = self.out / "sample_subset"
+        stem = "train" if split == "train" else "t10k"
+        img = d / f"{stem}-images-idx3-ubyte.gz"
+        atomic_write_bytes(img, idx_bytes(read_idx(images)[:n]))
+        atomic_write_bytes(d / f"{stem}-labels-idx1-ubyte.gz", idx_bytes(read_idx(labels)[:n]))
+        shutil.copy(SAMPLE_DIR / "classes.json", d / "classes.json")
+        return str(img)
+
     def shards(self) -> str:
         sizes = []
+        limits = {"train": self.args.train_images, "test": self.args.test_images}
         for split, src in (("train", "sample"), ("test", "sample:test")):
+            if limits[split]:
+                src = self.subset(split, limits[split])
             out = self.p("shards", split)
             if not (Path(out) / "sizes.json").exists():
                 self.call("shards", "mlcd_train.data.shards", ["--input", src, "--out", out, "--shard-size", "500"])
@@ -228,6 +248,26 @@ class Demo:
         self.probes[name] = res
         return f"linear {100 * res['linear']['top1']:.1f}%, 20-NN {100 * res['knn']['top1']:.1f}%"
 
+    def settings(self) -> dict:
+        a = self.args
+        return {"k": a.k, "l": a.l, "steps": a.steps, "batch_size": a.batch_size, "warmup": a.warmup,
+                "nproc": a.nproc, "pca_dim": a.pca_dim, "seed": a.seed, "set": a.set or [], "config": CONFIG,
+                "train_images": a.train_images, "test_images": a.test_images}
+
+    def check_settings(self) -> None:
+        """A rerun resumes only the same run: other settings in the same folder are refused."""
+        from mlcd_train.utils.io import atomic_save_json, load_json
+
+        path = self.out / "demo_settings.json"
+        if path.exists():
+            old = load_json(path)
+            if old != self.settings():
+                diff = {k: (old.get(k), v) for k, v in self.settings().items() if old.get(k) != v}
+                raise MLCDError(f"{path}: {self.out} holds a demo run with other settings {diff} "
+                                f"(old, new); use another --out")
+        else:
+            atomic_save_json(path, self.settings())
+
     # ------------------------------------------------------------------ driver
     def run(self) -> int:
         missing = missing_parts()
@@ -236,6 +276,7 @@ class Demo:
                   + "\n  ".join(missing), file=sys.stderr)
             return 3
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_settings()
         self.probes: dict = {}
         t0 = time.perf_counter()
         self.run_stage("shards", self.shards)
@@ -257,8 +298,7 @@ class Demo:
 
         atomic_save_json(self.p("summary.json"), {
             "seconds": round(total, 1), "stages": self.rows, "probe": self.probes,
-            "settings": {"k": self.args.k, "l": self.args.l, "steps": self.args.steps, "nproc": self.args.nproc,
-                         "batch_size": self.args.batch_size, "seed": self.args.seed, "config": CONFIG},
+            "settings": self.settings(),
             "train_command": self.train_cmd()})
         print(format_rows(self.rows, total))
         print(f"\nartefacts in {self.out}: loss curve {plot}, summary {self.p('summary.json')}")
@@ -387,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="training ranks under torchrun (default 2; 1: no torchrun)")
     p.add_argument("--pca-dim", type=int, default=64, help="teacher dimension (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=None,
+                   help="use only the first N of the sample's 3000 training images (smoke tests)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="use only the first N of the sample's 1000 test images (smoke tests)")
     p.add_argument("--quick", action="store_true",
                    help="reduced setting for a smoke run: 40 steps, k 50, batch 64, smaller probe sweep, "
                         "no random-init baseline")

@@ -7,7 +7,9 @@ import torch
 from mlcd_train import demo
 from mlcd_train.utils.errors import MLCDError
 
-ARGS = ["--quick", "--steps", "20", "--batch-size", "32", "--k", "30", "--nproc", "2", "--quiet-train"]
+ARGS = ["--quick", "--steps", "20", "--batch-size", "32", "--k", "30", "--nproc", "2", "--quiet-train",
+        "--train-images", "800", "--test-images", "300"]
+pytestmark = pytest.mark.timeout(900)  # the whole pipeline, on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_demo_runs_every_stage_and_writes_its_artefacts(demo_out):
     assert set(probes) == {"student", "teacher"}
     assert probes["teacher"]["linear"]["top1"] > 0.6 and probes["teacher"]["knn"]["top1"] > 0.6
     for res in probes.values():
-        assert res["n_train"] == 3000 and res["n_test"] == 1000
+        assert res["n_train"] == 800 and res["n_test"] == 300
         assert 0.0 <= res["linear"]["top1"] <= 1.0 and 0.0 <= res["knn"]["top1"] <= 1.0
     assert probes["student"]["embedder"].startswith("hf:")  # the student is probed through transformers
 
@@ -91,3 +93,10 @@ def test_demo_says_what_is_missing(tmp_path, monkeypatch, capsys):
     assert demo.main(["--out", str(tmp_path / "o"), "--quick"]) == 3
     assert "imaginary" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused(demo_out):
+    before = (demo_out / "summary.json").read_bytes()
+    with pytest.raises(MLCDError, match="other settings.*'k'"):
+        demo.main(["--out", str(demo_out)] + ARGS + ["--k", "31"])
+    assert (demo_out / "summary.json").read_bytes() == before
