@@ -20,7 +20,7 @@ install: $(BIN)/.mlcd-installed
 
 # The whole test suite (CPU only, no network).  .ci/run calls exactly this.
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15
 
 # The main job: the whole pipeline end to end on the shipped Fashion-MNIST sample.
 demo: install
