@@ -16,10 +16,7 @@ Medians of ``repeats`` runs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +26,7 @@ import time
 import numpy as np
 
 from bench.bench_cluster import make_data, write_emb
-from bench.common import format_table, row
+from bench.common import cli, row
 
 L = 8
 
@@ -162,12 +159,7 @@ def run(quick: bool = False, repeats: int | None = None) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
-    a = p.parse_args()
-    os.environ.setdefault("MLCD_QUIET", "1")
-    print(format_table(run(a.quick, a.repeats)))
+    cli(run, __doc__)
 
 
 if __name__ == "__main__":

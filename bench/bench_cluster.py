@@ -17,7 +17,6 @@ Medians of ``repeats`` runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.common import format_table, median_time, row
+from bench.common import cli, median_time, row
 
 
 def make_data(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -122,12 +121,7 @@ def run(quick: bool = False, repeats: int | None = None) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
-    a = p.parse_args()
-    os.environ.setdefault("MLCD_QUIET", "1")
-    print(format_table(run(a.quick, a.repeats)))
+    cli(run, __doc__)
 
 
 if __name__ == "__main__":

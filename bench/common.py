@@ -60,3 +60,16 @@ def format_table(rows: list[dict]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def cli(run, doc: str) -> None:
+    """The command line of a benchmark module whose ``run`` takes ``quick`` and ``repeats``."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=None)
+    a = p.parse_args()
+    os.environ.setdefault("MLCD_QUIET", "1")
+    print(format_table(run(a.quick, a.repeats)))
