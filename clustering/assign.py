@@ -30,6 +30,7 @@ finished shards intact.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ import numpy as np
 from clustering import store
 from clustering.search import make_searcher, pick_backend
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
+from mlcd_train.utils.io import OrderedWriter, atomic_save_json, atomic_save_npy, load_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,17 +110,29 @@ def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold,
     scores = np.empty((shard.n, L), dtype=np.float16)
     # the reader thread only reads (float16); conversion and checks happen here, so at most
     # two raw chunks and one float32 chunk are alive: memory is bounded by --chunk, not n
+    buf = np.empty((min(chunk, shard.n), shard.d), dtype=np.float32)  # reused for every chunk
     for start, raw in store.prefetch(store.iter_raw_chunks(shard, chunk)):
-        x = store.to_checked_f32(raw, shard, start)
+        x = store.to_checked_f32(raw, shard, start, out=buf)
         del raw
         D, I = searcher.search(x, L)
-        D = np.where(I < 0, -np.inf, D)  # IVF: fewer than L centres in the probed lists
+        if getattr(searcher, "approx", False):
+            D = np.where(I < 0, -np.inf, D)  # IVF: fewer than L centres in the probed lists
         lab, sc = apply_threshold(I.astype(np.int32), D, threshold)
         labels[start: start + len(x)] = lab
         scores[start: start + len(x)] = sc.astype(np.float16)
         if bar is not None:
             bar.update(len(x))
     return labels, scores
+
+
+def write_shard_labels(out: str, sh: store.EmbShard, labels: np.ndarray, scores: np.ndarray) -> None:
+    """labels, scores, then keys (last: its presence marks the shard finished; removed first, so
+    a shard redone under --overwrite is unfinished while its files are being replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, f"{sh.name}.keys.npy"))
+    atomic_save_npy(os.path.join(out, f"{sh.name}.labels.npy"), labels)
+    atomic_save_npy(os.path.join(out, f"{sh.name}.scores.npy"), scores)
+    store.copy_keys(sh, os.path.join(out, f"{sh.name}.keys.npy"))
 
 
 def recall_at_l(emb: store.EmbFolder, centroids: np.ndarray, approx_searcher, L: int, sample: int,
@@ -140,8 +153,9 @@ def recall_at_l(emb: store.EmbFolder, centroids: np.ndarray, approx_searcher, L:
 
 # ----------------------------------------------------------------------------------- stats
 
-def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int) -> dict:
-    """Cluster sizes, empty clusters, imbalance, mean similarity, purity (when classes known)."""
+def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int) -> tuple[dict, np.ndarray]:
+    """(stats, top-1 cluster sizes [k]): cluster sizes, empty clusters, imbalance, mean
+    similarity, purity (when classes are known)."""
     top1 = np.zeros(k, dtype=np.int64)
     topl = np.zeros(k, dtype=np.int64)
     n = 0
@@ -192,7 +206,7 @@ def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int) -> dict:
         stats["purity_top1"] = float(tot[order][first].sum() / n_cls)
         stats["labelled_images"] = n_cls
         stats["classes"] = max_cls + 1
-    return stats
+    return stats, top1
 
 
 def _size_stats(sizes: np.ndarray, total: int) -> dict:
@@ -203,18 +217,15 @@ def _size_stats(sizes: np.ndarray, total: int) -> dict:
             "sizes_sorted_desc_first_10": np.sort(sizes)[::-1][:10].astype(int).tolist()}
 
 
-def plot_sizes(out: str, emb: store.EmbFolder, k: int) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_sizes(out: str, top1: np.ndarray) -> str:
+    """cluster_sizes.png from the top-1 cluster sizes (second result of :func:`compute_stats`)."""
+    from matplotlib.figure import Figure
 
     from mlcd_train.utils.io import atomic_open
 
-    top1 = np.zeros(k, dtype=np.int64)
-    for sh in emb.shards:
-        top1 += np.bincount(np.load(os.path.join(out, f"{sh.name}.labels.npy"))[:, 0], minlength=k)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    k = len(top1)
+    fig = Figure(figsize=(10, 4))  # no pyplot: no global figure manager to keep in step
+    ax = fig.subplots(1, 2)
     counts, edges = np.histogram(top1, bins=min(100, max(10, k // 4)))
     ax[0].stairs(counts, edges, fill=True)  # one artist, not one patch per bin
     ax[0].set_xlabel("images per cluster (top-1)")
@@ -228,7 +239,6 @@ def plot_sizes(out: str, emb: store.EmbFolder, k: int) -> str:
     path = os.path.join(out, "cluster_sizes.png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -281,13 +291,24 @@ def main(argv: list[str] | None = None) -> int:
     mine = store.shard_names_for_rank(emb.shards, info.rank, info.world_size)
     todo = [sh for sh in mine if args.overwrite or not label_done(args.out, sh.name, sh.n, L)]
     os.makedirs(args.out, exist_ok=True)
+    if old is not None and not same_run:
+        # --overwrite with other settings: every old shard is now another run's, so none may
+        # count as finished if this run is killed before redoing it
+        for sh in todo:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(args.out, f"{sh.name}.keys.npy"))
     t0 = time.perf_counter()
     bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="emb")
-    for sh in todo:
-        labels, scores = assign_shard(searcher, sh, L, args.chunk, args.threshold, bar)
-        atomic_save_npy(os.path.join(args.out, f"{sh.name}.labels.npy"), labels)
-        atomic_save_npy(os.path.join(args.out, f"{sh.name}.scores.npy"), scores)
-        atomic_save_npy(os.path.join(args.out, f"{sh.name}.keys.npy"), store.load_keys(sh))
+    # a shard's files are written in the background while the next shard is searched
+    writer = OrderedWriter(depth=1)
+    try:
+        for sh in todo:
+            labels, scores = assign_shard(searcher, sh, L, args.chunk, args.threshold, bar)
+            writer.submit(write_shard_labels, args.out, sh, labels, scores)
+    except BaseException:
+        writer.close(wait_only=True)  # finished shards still land on disk
+        raise
+    writer.close()
     bar.close()
     seconds = time.perf_counter() - t0
     barrier()
@@ -302,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = {**base_meta, "complete": True, "search": search,
                 "seconds_rank0": seconds, "shards_done_this_run_rank0": len(todo)}
         if not args.no_stats:
-            atomic_save_json(os.path.join(args.out, "stats.json"), compute_stats(args.out, emb, k, L))
-            plot_sizes(args.out, emb, k)
+            stats, top1 = compute_stats(args.out, emb, k, L)
+            atomic_save_json(os.path.join(args.out, "stats.json"), stats)
+            plot_sizes(args.out, top1)
         atomic_save_json(meta_path, meta)
         print(f"mlcd assign: {emb.total} embeddings -> top-{L} of {k} centres ({backend}"
               f"{', approx' if args.approx else ''}) in {args.out}", file=sys.stderr)

@@ -15,6 +15,7 @@ so the resident memory of a pass over the corpus is one chunk, whatever its size
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,13 +145,17 @@ def open_emb(root: str | os.PathLike, expect_embedder: str | None = None) -> Emb
 
 
 def check_rows(x: np.ndarray, shard: EmbShard, start: int) -> None:
-    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk."""
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        r = int(np.flatnonzero(bad)[0])
-        raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has NaN/inf values "
-                        f"({int(bad.sum())} such rows in this chunk)")
+    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk.
+
+    One pass over the values: a NaN or inf anywhere in a row makes its squared norm NaN or
+    inf, so only rows whose norm is not finite are looked at element by element."""
     norms = np.einsum("ij,ij->i", x, x)
+    if not np.isfinite(norms).all():
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has NaN/inf values "
+                            f"({int(bad.sum())} such rows in this chunk)")
     zero = norms < 1e-12
     if zero.any():
         r = int(np.flatnonzero(zero)[0])
@@ -170,8 +175,32 @@ def read_raw(shard: EmbShard, start: int, stop: int) -> np.ndarray:
     return a.reshape(stop - start, shard.d)
 
 
-def to_checked_f32(raw: np.ndarray, shard: EmbShard, start: int, check: bool = True) -> np.ndarray:
-    x = raw.astype(np.float32)
+def to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy of a float16/float32 [m, d] array, into ``out[:m]`` when given (reusing a
+    buffer avoids page faults on a fresh allocation every chunk).
+
+    float16 goes through torch's vectorised (F16C) conversion, 2.4x faster than numpy's on a
+    warm chunk and 30 % faster between two faiss searches (bench numbers in the commit), in
+    pieces below torch's parallel grain size: one thread, because waking torch's OpenMP pool
+    leaves it spinning against faiss's threads during the next search (measured 9 % slower)."""
+    m = raw.shape[0]
+    x = np.empty(raw.shape, np.float32) if out is None else out[:m]
+    if raw.dtype != np.float16 or not (raw.flags.c_contiguous and raw.flags.writeable):
+        np.copyto(x, raw)
+        return x
+    import torch
+
+    src = torch.from_numpy(raw.reshape(-1))
+    dst = torch.from_numpy(x.reshape(-1))
+    step = 32000  # < at::internal::GRAIN_SIZE (32768): copy_ stays on the calling thread
+    for s in range(0, dst.numel(), step):
+        dst[s: s + step].copy_(src[s: s + step])
+    return x
+
+
+def to_checked_f32(raw: np.ndarray, shard: EmbShard, start: int, check: bool = True,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    x = to_f32(raw, out)
     if check:
         check_rows(x, shard, start)
     return x
@@ -224,7 +253,8 @@ def gather(folder: EmbFolder, rows: np.ndarray, check: bool = True, chunk_rows: 
 
 
 def _first_bad(x: np.ndarray) -> int | None:
-    bad = ~np.isfinite(x).all(axis=1) | (np.einsum("ij,ij->i", x, x) < 1e-12)
+    norms = np.einsum("ij,ij->i", x, x)
+    bad = (norms < 1e-12) | (~np.isfinite(x).all(axis=1) if not np.isfinite(norms).all() else False)
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
@@ -233,6 +263,34 @@ def load_keys(shard: EmbShard) -> np.ndarray:
         return np.load(shard.keys_path, allow_pickle=False)
     except ValueError as exc:
         raise MLCDError(f"{shard.keys_path}: unreadable keys ({exc})") from None
+
+
+def copy_keys(shard: EmbShard, dest: str) -> None:
+    """Put a shard's keys file at ``dest`` atomically: a hard link when EMB and ``dest`` share a
+    filesystem (no bytes written: keys are UTF-32, often the largest file of a shard), else a
+    byte-for-byte copy.  Either way the strings are not decoded and re-encoded.  EMB files are
+    only ever replaced by rename, never rewritten in place, so the link keeps the keys this
+    run read even if EMB is redone later.  Header and size were validated by
+    :func:`open_emb`; checked again here in case the file changed since."""
+    import shutil
+
+    from mlcd_train.utils.io import atomic_open, tmp_path_for
+
+    info = npy_info(shard.keys_path, "keys")
+    if info.shape != (shard.n,):
+        raise MLCDError(f"{shard.keys_path}: {info.shape} keys for {shard.n} embedding rows in {shard.path}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dest)  # (rename onto a link of the same file would be a no-op, leaving tmp)
+    tmp = tmp_path_for(dest)
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(shard.keys_path, tmp)
+    except OSError:  # another filesystem, or one without hard links
+        with open(shard.keys_path, "rb") as src, atomic_open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    os.replace(tmp, dest)
 
 
 def load_cls(shard: EmbShard) -> np.ndarray | None:

@@ -121,6 +121,109 @@ def test_resume_skips_finished_shards(setup, tmp_path, monkeypatch):
     assert done == ["part-000001"] + [f"part-00000{i}" for i in range(3)]
 
 
+def test_crash_during_overwrite_leaves_no_stale_shard_marked_done(setup, tmp_path, monkeypatch):
+    """--overwrite with new centres, killed after shard 0: a plain rerun must redo shards 1 and 2
+    (their old keys no longer mark them finished) and end equal to a clean run."""
+    root, cpath, cent, _ = setup
+    out = tmp_path / "lbl"
+    assert _run(root, cpath, out) == 0
+    cdir2 = tmp_path / "cl2"
+    cdir2.mkdir()
+    cent2 = store.normalise(np.random.default_rng(7).normal(size=(40, 16))).astype(np.float32)
+    np.save(cdir2 / "centroids.npy", cent2)
+    atomic_save_json(cdir2 / "meta.json", {"k": 40, "embedder": "test:mixture"})
+    real = assign.assign_shard
+
+    def dies_on_second(s, sh, *a, **k):
+        if sh.name == "part-000001":
+            raise KeyboardInterrupt  # the job is killed while shard 1 is searched
+        return real(s, sh, *a, **k)
+
+    monkeypatch.setattr(assign, "assign_shard", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(root, cdir2 / "centroids.npy", out, "--overwrite")
+    # shard 0 was handed to the background writer before the kill: it landed whole
+    assert (out / "part-000000.keys.npy").exists()
+    assert not (out / "part-000001.keys.npy").exists() and not (out / "part-000002.keys.npy").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    monkeypatch.setattr(assign, "assign_shard", real)
+    assert _run(root, cdir2 / "centroids.npy", out) == 0
+    assert _run(root, cdir2 / "centroids.npy", tmp_path / "clean") == 0
+    for sh in store.open_emb(root).shards:
+        for kind in ("labels", "scores", "keys"):
+            np.testing.assert_array_equal(np.load(out / f"{sh.name}.{kind}.npy"),
+                                          np.load(tmp_path / "clean" / f"{sh.name}.{kind}.npy"))
+
+
+def test_writer_error_is_raised_and_earlier_shards_kept(setup, tmp_path, monkeypatch):
+    root, cpath, _, _ = setup
+    out = tmp_path / "lbl"
+    real = assign.atomic_save_npy
+
+    def disk_full(path, arr):
+        if "part-000001.scores" in str(path):
+            raise OSError(28, "No space left on device")
+        real(path, arr)
+
+    monkeypatch.setattr(assign, "atomic_save_npy", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _run(root, cpath, out)
+    assert (out / "part-000000.keys.npy").exists()
+    assert not (out / "part-000001.keys.npy").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    monkeypatch.setattr(assign, "atomic_save_npy", real)
+    assert _run(root, cpath, out) == 0
+    assert json.load(open(out / "meta.json"))["complete"] is True
+
+
+def test_keys_linked_or_copied_and_snapshot_of_emb(setup, tmp_path, monkeypatch):
+    """LBL keys equal EMB keys whether hard-linked or (no link support) copied; an EMB shard
+    redone later (atomic rename) does not change keys already in LBL."""
+    root, cpath, _, _ = setup
+    sh = store.open_emb(root).shards[0]
+    want = np.load(sh.keys_path)
+    dest = tmp_path / "a.keys.npy"
+    store.copy_keys(sh, str(dest))
+    store.copy_keys(sh, str(dest))  # again over itself (same inode): still there, no tmp left
+    np.testing.assert_array_equal(np.load(dest), want)
+
+    def no_links(*a, **k):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store.copy_keys(sh, str(tmp_path / "b.keys.npy"))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(tmp_path / "b.keys.npy"), want)
+    assert sorted(os.listdir(tmp_path)) == ["a.keys.npy", "b.keys.npy", "cl", "emb"]
+    from mlcd_train.utils.io import atomic_save_npy
+
+    atomic_save_npy(sh.keys_path, np.array([f"new-{i}" for i in range(len(want))]))
+    np.testing.assert_array_equal(np.load(dest), want)
+
+
+def test_to_f32_equals_numpy_and_checks_rows():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(1000, 77)).astype(np.float16)  # not a multiple of the 32000-value pieces
+    np.testing.assert_array_equal(store.to_f32(h), h.astype(np.float32))
+    buf = np.empty((2000, 77), np.float32)
+    y = store.to_f32(h, buf)
+    assert np.shares_memory(y, buf) and y.shape == (1000, 77)
+    np.testing.assert_array_equal(y, h.astype(np.float32))
+    h.flags.writeable = False  # a read-only (memory-mapped) array takes numpy's path
+    np.testing.assert_array_equal(store.to_f32(h), h.astype(np.float32))
+    sh = store.EmbShard("s", "EMB/s.npy", "EMB/s.keys.npy", None, 1000, 77, None)
+    for bad, what in ((np.inf, "NaN/inf"), (-np.inf, "NaN/inf"), (np.nan, "NaN/inf"), (0.0, "zero norm")):
+        x = h.astype(np.float32)
+        if bad == 0.0:
+            x[617] = 0
+        else:
+            x[617, 5] = bad
+        with pytest.raises(MLCDError, match=rf"EMB/s\.npy: row 717 \(shard s\) has {what}"):
+            store.check_rows(x, sh, 100)
+    big = np.full((3, 77), 1e30, np.float32)  # finite, only the squared norm overflows: accepted
+    store.check_rows(big, sh, 0)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _snapshot(folder):

@@ -70,6 +70,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
+class OrderedWriter:
+    """Runs write jobs in a background thread, in submission order, at most ``depth`` queued.
+
+    File writes and fsync release the GIL, so they overlap the caller's compute.  An error
+    in a job is raised by the next :meth:`submit` or by :meth:`close`; ``close(wait_only=True)``
+    (for an exception path) lets queued jobs finish so nothing already computed is lost."""
+
+    def __init__(self, depth: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlcd-writer")
+        self._pending: list = []
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def close(self, wait_only: bool = False) -> None:
+        try:
+            for fut in self._pending:
+                if wait_only:
+                    fut.exception()
+                else:
+                    fut.result()
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
+
+
 def load_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a missing or malformed file is an MLCDError naming it."""
     from mlcd_train.utils.errors import MLCDError
