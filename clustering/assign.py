@@ -1,7 +1,8 @@
 """``mlcd assign``: give every embedding its top-L most similar centres (multi-label classes).
 
     mlcd assign --emb EMB --centroids CL/centroids.npy --topk 8 --out LBL
-                [--threshold T] [--approx --nprobe 16] [--backend auto|faiss|torch]
+                [--threshold T] [--approx --nprobe 16 | --approx --target-recall 0.95]
+                [--backend auto|faiss|torch]
     torchrun --nproc-per-node 8 -m clustering.assign ...    (shards split over ranks)
 
 Per EMB shard: ``LBL/<shard>.labels.npy`` int32 [n, L] (most similar first),
@@ -18,7 +19,8 @@ has ``<shard>.cls.npy``) and ``LBL/cluster_sizes.png``.
 Streaming: each shard is read in ``--chunk`` rows, so memory does not grow with the corpus.
 Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through an
 IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
-``--recall-sample`` rows.  ``--backend torch``: bf16 candidate pick on GPU + exact fp32
+``--recall-sample`` rows; ``--target-recall R`` instead picks the smallest nprobe (doubling
+from 1) whose recall@L on that sample reaches R, and records the curve in meta.json.  ``--backend torch``: bf16 candidate pick on GPU + exact fp32
 re-rank, equal to exact search (see clustering/search.py).  A rerun skips finished shards;
 ``--overwrite`` redoes them.
 
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (default 16)")
     p.add_argument("--recall-sample", type=int, default=10000,
                    help="rows on which --approx is compared with exact search (default 10000)")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="with --approx: pick the smallest nprobe (1, 2, 4, ... nlist) whose recall@L "
+                        "on the recall sample reaches this (e.g. 0.95); overrides --nprobe")
     p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto")
     p.add_argument("--cand-dtype", choices=["bfloat16", "float16", "tf32", "float32"], default=None,
                    help="torch backend candidate matmul precision (default bf16 on GPU, fp32 on CPU)")
@@ -135,20 +140,46 @@ def write_shard_labels(out: str, sh: store.EmbShard, labels: np.ndarray, scores:
     store.copy_keys(sh, os.path.join(out, f"{sh.name}.keys.npy"))
 
 
+def recall_sample(emb: store.EmbFolder, centroids: np.ndarray, L: int, sample: int, seed: int = 0):
+    """(x float32 [m, d], exact top-L ids [m, L]) on a seeded sample of the corpus."""
+    from clustering.search import FaissSearcher
+
+    m = min(sample, emb.total)
+    rows = np.sort(np.random.default_rng(seed).choice(emb.total, size=m, replace=False))
+    x = store.gather(emb, rows)
+    _, Ie = FaissSearcher(centroids).search(x, L)
+    return x, Ie
+
+
+def recall_of(approx_searcher, x: np.ndarray, Ie: np.ndarray, L: int) -> dict:
+    """recall@L and top-1 agreement of the approximate search against the exact ids ``Ie``."""
+    _, Ia = approx_searcher.search(x, L)
+    hit = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(Ia, Ie))
+    return {"recall_at_L": hit / (len(x) * L), "top1_agreement": float((Ia[:, 0] == Ie[:, 0]).mean()),
+            "sample": len(x)}
+
+
 def recall_at_l(emb: store.EmbFolder, centroids: np.ndarray, approx_searcher, L: int, sample: int,
                 seed: int = 0) -> dict:
     """recall@L of the approximate search against exact faiss search on a seeded sample."""
-    from clustering.search import FaissSearcher
+    x, Ie = recall_sample(emb, centroids, L, sample, seed)
+    return recall_of(approx_searcher, x, Ie, L)
 
-    n = emb.total
-    m = min(sample, n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
-    x = store.gather(emb, rows)
-    _, Ie = FaissSearcher(centroids).search(x, L)
-    _, Ia = approx_searcher.search(x, L)
-    hit = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(Ia, Ie))
-    top1 = float((Ia[:, 0] == Ie[:, 0]).mean())
-    return {"recall_at_L": hit / (m * L), "top1_agreement": top1, "sample": m}
+
+def tune_nprobe(approx_searcher, x: np.ndarray, Ie: np.ndarray, L: int, target: float) -> tuple[int, list]:
+    """The smallest nprobe of 1, 2, 4, ..., nlist whose recall@L on the sample reaches ``target``
+    (nprobe = nlist visits every centre, so the search ends); sets it on the searcher and
+    returns it with the curve [{nprobe, recall_at_L, top1_agreement}, ...]."""
+    curve = []
+    p = 1
+    while True:
+        p = min(p, approx_searcher.nlist)
+        approx_searcher.set_nprobe(p)
+        r = recall_of(approx_searcher, x, Ie, L)
+        curve.append({"nprobe": p, "recall_at_L": r["recall_at_L"], "top1_agreement": r["top1_agreement"]})
+        if r["recall_at_L"] >= target or p == approx_searcher.nlist:
+            return p, curve
+        p *= 2
 
 
 # ----------------------------------------------------------------------------------- stats
@@ -278,9 +309,23 @@ def main(argv: list[str] | None = None) -> int:
                         f"topk={old.get('topk')}, centroids={old.get('centroids')}, "
                         f"threshold={old.get('threshold')}); use --overwrite or another --out")
 
+    if args.target_recall is not None and not (args.approx and 0 < args.target_recall <= 1):
+        raise MLCDError("--target-recall needs --approx and a value in (0, 1]")
     backend = pick_backend(args.backend, args.gpu)
     searcher = make_searcher(cent, backend=backend, approx=args.approx, nlist=args.nlist or None,
                              nprobe=args.nprobe, gpu=args.gpu, cand_dtype=args.cand_dtype)
+    curve = None
+    if args.target_recall is not None:
+        # every rank tunes on the same seeded sample, so all of them pick the same nprobe
+        xs, Ie = recall_sample(emb, cent, L, args.recall_sample)
+        nprobe, curve = tune_nprobe(searcher, xs, Ie, L, args.target_recall)
+        del xs, Ie
+        if info.is_main and nprobe * 4 > searcher.nlist:
+            # IVF then scans over a quarter of the centres plus its lists' overhead: measured
+            # slower than exact search at k = 100k (bench_assign, random centres)
+            print(f"mlcd assign: recall {args.target_recall} needs nprobe {nprobe} of nlist "
+                  f"{searcher.nlist}: expect no speed-up over exact search (drop --approx); "
+                  f"the centres have little cluster structure", file=sys.stderr)
     base_meta = {"k": k, "topk": L, "centroids": store.resolve(args.centroids), "embedder": emb.embedder,
                  "emb": store.resolve(args.emb), "threshold": args.threshold, "dim": d,
                  "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
@@ -298,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(args.out, f"{sh.name}.keys.npy"))
     t0 = time.perf_counter()
+    c0 = time.process_time()
     bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="emb")
     # a shard's files are written in the background while the next shard is searched
     writer = OrderedWriter(depth=1)
@@ -311,17 +357,25 @@ def main(argv: list[str] | None = None) -> int:
     writer.close()
     bar.close()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     barrier()
     if info.is_main:
         search = {"backend": backend, "approx": args.approx}
         if args.approx:
-            search.update(nlist=searcher.nlist, nprobe=args.nprobe)
-            search["recall"] = recall_at_l(emb, cent, searcher, L, args.recall_sample)
+            search.update(nlist=searcher.nlist, nprobe=searcher.nprobe)
+            if curve is not None:
+                search.update(target_recall=args.target_recall, nprobe_curve=curve,
+                              recall={"recall_at_L": curve[-1]["recall_at_L"],
+                                      "top1_agreement": curve[-1]["top1_agreement"],
+                                      "sample": min(args.recall_sample, emb.total)})
+            else:
+                search["recall"] = recall_at_l(emb, cent, searcher, L, args.recall_sample)
         if backend == "torch":
             search["cand_dtype"] = searcher.cand_dtype
             search["exact_fallback_rows"] = searcher.n_fallback
         meta = {**base_meta, "complete": True, "search": search,
-                "seconds_rank0": seconds, "shards_done_this_run_rank0": len(todo)}
+                "seconds_rank0": seconds, "cpu_seconds_rank0": cpu_seconds,
+                "shards_done_this_run_rank0": len(todo)}
         if not args.no_stats:
             stats, top1 = compute_stats(args.out, emb, k, L)
             atomic_save_json(os.path.join(args.out, "stats.json"), stats)

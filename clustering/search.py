@@ -58,6 +58,7 @@ class FaissSearcher:
         k, d = centroids.shape
         c = np.ascontiguousarray(centroids, dtype=np.float32)
         self.approx = approx
+        self.nprobe = int(nprobe) if approx else None
         if approx:
             self.nlist = int(nlist or max(1, min(k // 39, int(4 * math.sqrt(k)))))
             quant = faiss.IndexFlatIP(d)
@@ -75,6 +76,12 @@ class FaissSearcher:
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
         self.index = index
+
+    def set_nprobe(self, nprobe: int) -> None:
+        if not self.approx:
+            raise MLCDError("nprobe applies to the IVF (--approx) search only")
+        self.index.nprobe = int(nprobe)  # IndexIVFFlat and GpuIndexIVFFlat alike
+        self.nprobe = int(nprobe)
 
     def search(self, x: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
         D, I = self.index.search(np.ascontiguousarray(x, dtype=np.float32), L)

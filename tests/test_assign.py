@@ -103,6 +103,30 @@ def test_approx_reports_recall(setup, tmp_path):
     assert 0 < rec["recall_at_L"] < 1 and rec["sample"] == 900
 
 
+def test_target_recall_picks_smallest_nprobe(setup, tmp_path, capsys):
+    root, cpath, cent, _ = setup
+    exact = tmp_path / "exact"
+    assert _run(root, cpath, exact) == 0
+    for target in (0.6, 1.0):
+        out = tmp_path / f"t{target}"
+        assert _run(root, cpath, out, "--approx", "--nlist", "8", "--target-recall", str(target)) == 0
+        search = json.load(open(out / "meta.json"))["search"]
+        curve = search["nprobe_curve"]
+        assert [c["nprobe"] for c in curve] == [1, 2, 4, 8][: len(curve)]
+        assert curve[-1]["recall_at_L"] >= target  # reached ...
+        assert all(c["recall_at_L"] < target for c in curve[:-1])  # ... first at the chosen nprobe
+        assert search["nprobe"] == curve[-1]["nprobe"] and search["recall"]["sample"] == 900
+        # more than a quarter of the lists visited: told that IVF will not beat exact search
+        assert ("expect no speed-up" in capsys.readouterr().err) == (search["nprobe"] * 4 > 8)
+        # the recall sample is the whole corpus here: the labels reach the target against exact search
+        hit = sum(len(set(a) & set(e)) for sh in store.open_emb(root).shards
+                  for a, e in zip(np.load(out / f"{sh.name}.labels.npy").tolist(),
+                                  np.load(exact / f"{sh.name}.labels.npy").tolist()))
+        assert hit / (900 * 5) == pytest.approx(search["recall"]["recall_at_L"])
+    with pytest.raises(MLCDError, match="--target-recall needs --approx"):
+        _run(root, cpath, tmp_path / "bad", "--target-recall", "0.9")
+
+
 def test_resume_skips_finished_shards(setup, tmp_path, monkeypatch):
     root, cpath, _, _ = setup
     out = tmp_path / "lbl"
