@@ -47,7 +47,11 @@ def _rank_bench(rank, world, k, d, batch, l, repeats, device):
     def peak():
         if dev.type == "cuda":
             return torch.cuda.max_memory_allocated(dev)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's size,
+        # which Linux carries over the fork + exec that started this rank)
+        with open("/proc/self/status") as f:
+            hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")]
+        return int(hwm[0]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     out = {"state_bytes": state_bytes, "num_local": pfc.num_local}
     for rate in (0.1, 1.0):
