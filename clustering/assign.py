@@ -109,14 +109,29 @@ def label_done(out: str, name: str, n: int, L: int) -> bool:
     return li.shape == (n, L) and si.shape == (n, L) and ki.shape == (n,)
 
 
-def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold, bar=None):
-    """(labels int32 [n, L], scores float16 [n, L]) of one shard; reads overlap the search."""
+def iter_run_chunks(shards: list[store.EmbShard], chunk: int):
+    """(shard, start, raw float16 chunk) over all the shards of a run, in order: read through
+    one prefetch thread, so the next shard's first chunk is read while this shard's last
+    chunk is searched.  With a prefetch thread per shard every first read was waited for:
+    on the development VM page-cache data not touched for a while reads at ~250 MB/s, and
+    those waits were 0.7 s against 10.9 s of one-thread search (500k x 256, 10 shards);
+    now 0.26 s (some of the saving reappears as a slower fp16 conversion of colder data)."""
+    for sh in shards:
+        for start, raw in store.iter_raw_chunks(sh, chunk):
+            yield sh, start, raw
+
+
+def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold, bar=None, chunks=None):
+    """(labels int32 [n, L], scores float16 [n, L]) of one shard.  ``chunks``: this shard's
+    (start, raw) chunks (default: read here through a prefetch thread of its own)."""
     labels = np.empty((shard.n, L), dtype=np.int32)
     scores = np.empty((shard.n, L), dtype=np.float16)
     # the reader thread only reads (float16); conversion and checks happen here, so at most
     # two raw chunks and one float32 chunk are alive: memory is bounded by --chunk, not n
     buf = np.empty((min(chunk, shard.n), shard.d), dtype=np.float32)  # reused for every chunk
-    for start, raw in store.prefetch(store.iter_raw_chunks(shard, chunk)):
+    if chunks is None:
+        chunks = store.prefetch(store.iter_raw_chunks(shard, chunk))
+    for start, raw in chunks:
         x = store.to_checked_f32(raw, shard, start, out=buf)
         del raw
         D, I = searcher.search(x, L)
@@ -128,6 +143,14 @@ def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold,
         if bar is not None:
             bar.update(len(x))
     return labels, scores
+
+
+def _shard_chunks(reader, shard: store.EmbShard, chunk: int):
+    """This shard's (start, raw) items from the run-wide reader."""
+    for _ in range(-(-shard.n // chunk)):
+        sh, start, raw = next(reader)
+        assert sh is shard, (sh.name, shard.name)
+        yield start, raw
 
 
 def write_shard_labels(out: str, sh: store.EmbShard, labels: np.ndarray, scores: np.ndarray) -> None:
@@ -347,13 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="emb")
     # a shard's files are written in the background while the next shard is searched
     writer = OrderedWriter(depth=1)
+    reader = store.prefetch(iter_run_chunks(todo, args.chunk))
     try:
         for sh in todo:
-            labels, scores = assign_shard(searcher, sh, L, args.chunk, args.threshold, bar)
+            labels, scores = assign_shard(searcher, sh, L, args.chunk, args.threshold, bar,
+                                          chunks=_shard_chunks(reader, sh, args.chunk))
             writer.submit(write_shard_labels, args.out, sh, labels, scores)
     except BaseException:
         writer.close(wait_only=True)  # finished shards still land on disk
         raise
+    finally:
+        reader.close()  # stops the read-ahead thread
     writer.close()
     bar.close()
     seconds = time.perf_counter() - t0
