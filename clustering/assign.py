@@ -207,60 +207,75 @@ def tune_nprobe(approx_searcher, x: np.ndarray, Ie: np.ndarray, L: int, target: 
 
 # ----------------------------------------------------------------------------------- stats
 
-def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int) -> tuple[dict, np.ndarray]:
-    """(stats, top-1 cluster sizes [k]): cluster sizes, empty clusters, imbalance, mean
-    similarity, purity (when classes are known)."""
-    top1 = np.zeros(k, dtype=np.int64)
-    topl = np.zeros(k, dtype=np.int64)
-    n = 0
-    s1 = 0.0
-    sl = 0.0
-    nl = 0
-    pair_codes, pair_counts = [], []
-    n_cls = 0
-    max_cls = -1
-    for sh in emb.shards:
-        lab = np.load(os.path.join(out, f"{sh.name}.labels.npy"))
-        sc = np.load(os.path.join(out, f"{sh.name}.scores.npy")).astype(np.float64)
-        n += len(lab)
-        top1 += np.bincount(lab[:, 0], minlength=k)
+class LabelStats:
+    """Running cluster statistics of labelled shards: cluster sizes by top-1 and top-L,
+    similarities, and (label, class) pair counts for purity when classes are known."""
+
+    def __init__(self, k: int, L: int):
+        self.k, self.L = k, L
+        self.top1 = np.zeros(k, dtype=np.int64)
+        self.topl = np.zeros(k, dtype=np.int64)
+        self.n = self.nl = self.n_cls = 0
+        self.s1 = self.sl = 0.0
+        self.max_cls = -1
+        self.pair_codes: list = []
+        self.pair_counts: list = []
+
+    def add(self, lab: np.ndarray, sc: np.ndarray, cls: np.ndarray | None) -> None:
+        self.n += len(lab)
+        self.top1 += np.bincount(lab[:, 0], minlength=self.k)
         valid = lab >= 0
-        topl += np.bincount(lab[valid], minlength=k)
-        s1 += float(sc[:, 0].sum())
-        sl += float(sc[valid].sum())
-        nl += int(valid.sum())
-        cls = store.load_cls(sh)
+        self.topl += np.bincount(lab[valid], minlength=self.k)
+        self.s1 += float(sc[:, 0].sum(dtype=np.float64))
+        self.sl += float(sc[valid].sum(dtype=np.float64))
+        self.nl += int(valid.sum())
         if cls is not None:
             known = cls >= 0
             if known.any():
-                max_cls = max(max_cls, int(cls[known].max()))
+                self.max_cls = max(self.max_cls, int(cls[known].max()))
                 codes = lab[known, 0].astype(np.int64) * (1 << 31) + cls[known]
                 u, c = np.unique(codes, return_counts=True)
-                pair_codes.append(u)
-                pair_counts.append(c)
-                n_cls += int(known.sum())
-    stats = {
-        "n": n, "k": k, "topk": L,
-        "top1": _size_stats(top1, n),
-        "topL": _size_stats(topl, int(topl.sum())),
-        "labels_per_image_mean": nl / max(n, 1),
-        "mean_similarity_top1": s1 / max(n, 1),
-        "mean_similarity_topL": sl / max(nl, 1),
-    }
-    if n_cls:
-        codes = np.concatenate(pair_codes)
-        counts = np.concatenate(pair_counts)
-        u, inv = np.unique(codes, return_inverse=True)
-        tot = np.bincount(inv, weights=counts)
-        clus = u >> 31
-        # purity: every cluster votes for its majority class
-        order = np.lexsort((-tot, clus))
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = clus[order][1:] != clus[order][:-1]
-        stats["purity_top1"] = float(tot[order][first].sum() / n_cls)
-        stats["labelled_images"] = n_cls
-        stats["classes"] = max_cls + 1
-    return stats, top1
+                self.pair_codes.append(u)
+                self.pair_counts.append(c)
+                self.n_cls += int(known.sum())
+
+    def result(self) -> dict:
+        n, nl = self.n, self.nl
+        stats = {
+            "n": n, "k": self.k, "topk": self.L,
+            "top1": _size_stats(self.top1, n),
+            "topL": _size_stats(self.topl, int(self.topl.sum())),
+            "labels_per_image_mean": nl / max(n, 1),
+            "mean_similarity_top1": self.s1 / max(n, 1),
+            "mean_similarity_topL": self.sl / max(nl, 1),
+        }
+        if self.n_cls:
+            codes = np.concatenate(self.pair_codes)
+            counts = np.concatenate(self.pair_counts)
+            u, inv = np.unique(codes, return_inverse=True)
+            tot = np.bincount(inv, weights=counts)
+            clus = u >> 31
+            # purity: every cluster votes for its majority class
+            order = np.lexsort((-tot, clus))
+            first = np.ones(len(order), dtype=bool)
+            first[1:] = clus[order][1:] != clus[order][:-1]
+            stats["purity_top1"] = float(tot[order][first].sum() / self.n_cls)
+            stats["labelled_images"] = self.n_cls
+            stats["classes"] = self.max_cls + 1
+        return stats
+
+
+def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int, acc: LabelStats | None = None,
+                  done: set | None = None) -> tuple[dict, np.ndarray]:
+    """(stats, top-1 cluster sizes [k]) over every shard of ``emb``: those named in ``done``
+    are already in ``acc`` (added while they were labelled), the others are read from ``out``."""
+    acc = acc or LabelStats(k, L)
+    done = done or set()
+    for sh in emb.shards:
+        if sh.name not in done:
+            acc.add(np.load(os.path.join(out, f"{sh.name}.labels.npy")),
+                    np.load(os.path.join(out, f"{sh.name}.scores.npy")), store.load_cls(sh))
+    return acc.result(), acc.top1
 
 
 def _size_stats(sizes: np.ndarray, total: int) -> dict:
@@ -370,12 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="emb")
     # a shard's files are written in the background while the next shard is searched
     writer = OrderedWriter(depth=1)
+    acc = LabelStats(k, L) if info.is_main and not args.no_stats else None
+    in_acc: set = set()
     reader = store.prefetch(iter_run_chunks(todo, args.chunk))
     try:
         for sh in todo:
             labels, scores = assign_shard(searcher, sh, L, args.chunk, args.threshold, bar,
                                           chunks=_shard_chunks(reader, sh, args.chunk))
             writer.submit(write_shard_labels, args.out, sh, labels, scores)
+            if acc is not None:  # stats from memory: the end of the run reads back only other shards
+                acc.add(labels, scores, store.load_cls(sh))
+                in_acc.add(sh.name)
     except BaseException:
         writer.close(wait_only=True)  # finished shards still land on disk
         raise
@@ -404,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds_rank0": seconds, "cpu_seconds_rank0": cpu_seconds,
                 "shards_done_this_run_rank0": len(todo)}
         if not args.no_stats:
-            stats, top1 = compute_stats(args.out, emb, k, L)
+            stats, top1 = compute_stats(args.out, emb, k, L, acc, in_acc)
             atomic_save_json(os.path.join(args.out, "stats.json"), stats)
             plot_sizes(args.out, top1)
         atomic_save_json(meta_path, meta)

@@ -145,6 +145,24 @@ def test_resume_skips_finished_shards(setup, tmp_path, monkeypatch):
     assert done == ["part-000001"] + [f"part-00000{i}" for i in range(3)]
 
 
+def test_stats_from_memory_equal_stats_read_back(setup, tmp_path):
+    """stats.json is accumulated from the shards labelled in this run and read back for the
+    others: a fresh run, a resumed run and a pass over the files alone give the same stats."""
+    root, cpath, _, _ = setup
+    out = tmp_path / "lbl"
+    assert _run(root, cpath, out) == 0
+    fresh = json.load(open(out / "stats.json"))
+    assert "purity_top1" in fresh  # the shards carry classes: every part of the stats is compared
+    os.unlink(out / "part-000001.keys.npy")  # resume: shard 1 from memory, 0 and 2 from disk
+    assert _run(root, cpath, out) == 0
+    resumed = json.load(open(out / "stats.json"))
+    from_files, _ = assign.compute_stats(str(out), store.open_emb(root), 40, 5)
+    for other in (resumed, from_files):
+        assert other.keys() == fresh.keys()
+        for key, value in fresh.items():
+            assert other[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
 def test_crash_during_overwrite_leaves_no_stale_shard_marked_done(setup, tmp_path, monkeypatch):
     """--overwrite with new centres, killed after shard 0: a plain rerun must redo shards 1 and 2
     (their old keys no longer mark them finished) and end equal to a clean run."""
