@@ -6,8 +6,8 @@
     torchrun --nproc-per-node 8 -m clustering.assign ...    (shards split over ranks)
 
 Per EMB shard: ``LBL/<shard>.labels.npy`` int32 [n, L] (most similar first),
-``LBL/<shard>.scores.npy`` float16 [n, L] (inner products), ``LBL/<shard>.keys.npy`` (copied
-from EMB, row-aligned; written last, it marks the shard finished).  ``--threshold T`` keeps
+``LBL/<shard>.scores.npy`` float16 [n, L] (inner products), ``LBL/<shard>.keys.npy`` (EMB's
+keys, hard-linked or copied, row-aligned; written last, it marks the shard finished).  ``--threshold T`` keeps
 only centres with similarity > T, padding with label -1 and score -inf; the top-1 is always
 kept (the paper's adaptive variant).
 
@@ -16,13 +16,15 @@ Also ``LBL/meta.json`` (k, topk, centroids, embedder, threshold, search, per-sha
 k*sum(n_i^2)/N^2, mean similarity, purity against the shards' ground-truth classes when EMB
 has ``<shard>.cls.npy``) and ``LBL/cluster_sizes.png``.
 
-Streaming: each shard is read in ``--chunk`` rows, so memory does not grow with the corpus.
-Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through an
-IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
-``--recall-sample`` rows; ``--target-recall R`` instead picks the smallest nprobe (doubling
-from 1) whose recall@L on that sample reaches R, and records the curve in meta.json.  ``--backend torch``: bf16 candidate pick on GPU + exact fp32
-re-rank, equal to exact search (see clustering/search.py).  A rerun skips finished shards;
-``--overwrite`` redoes them.
+Streaming: shards are read in ``--chunk`` rows by one read-ahead thread, searched, and
+written by a background writer while the next shard is searched, so memory does not grow
+with the corpus; the statistics are summed on the way.  Exact search by default (faiss
+``IndexFlatIP``); ``--approx`` searches the centres through an IVF index (``--nlist``,
+``--nprobe``) and reports recall@L against exact search on ``--recall-sample`` rows;
+``--target-recall R`` instead picks the smallest nprobe (doubling from 1) whose recall@L on
+that sample reaches R, and records the curve in meta.json.  ``--backend torch``: bf16
+candidate pick on GPU + exact fp32 re-rank, equal to exact search (see
+clustering/search.py).  A rerun skips finished shards; ``--overwrite`` redoes them.
 
 Refused before anything is written: centres and embeddings of different dimension, L > k,
 missing/truncated files, an EMB made by another embedder than the centres (or than
