@@ -90,59 +90,54 @@ def run(quick: bool = False, repeats: int | None = None, n: int | None = None,
         index = faiss.IndexFlatIP(d)
         index.add(c)
         threads = faiss.omp_get_max_threads()
-        ratios, ours, ref, loop_ratios, loop_rates, fixed = [], [], [], [], [], []
         meta_path = os.path.join(tmp, "lbl", "meta.json")
-        for r in range(repeats):  # paired, adjacent runs: the ratio of each pair, then the median
-            t0 = time.perf_counter()
-            assign.main(args)
-            whole = time.perf_counter() - t0
-            loop = json.load(open(meta_path))["seconds_rank0"]  # the per-shard loop, as timed by mlcd
-            t0 = time.perf_counter()
-            index.search(x, L)
-            f = n / (time.perf_counter() - t0)
-            ours.append(n / whole)
-            ref.append(f)
-            ratios.append(n / whole / f)
-            loop_rates.append(n / loop)
-            loop_ratios.append(n / loop / f)
-            fixed.append(whole - loop)
-        rows.append(row("assign", "embeddings/s", statistics.median(ours), statistics.median(ref),
-                         "raw faiss IndexFlatIP.search", statistics.median(ratios), ">= 0.9",
-                         f"N={n} d={d} k={k} L={L}; the whole command: fp16 files read, checked, searched, "
-                         f"labels/scores/keys written, stats.json + plot ({statistics.median(fixed):.2f} s "
-                         f"outside the shard loop: stats are summed during it, the plot is O(k)); {threads} threads; "
-                         f"median of {repeats} paired ratios"))
-        rows.append(row("assign", "embeddings/s, shard loop", statistics.median(loop_rates), statistics.median(ref),
-                         "raw faiss IndexFlatIP.search", statistics.median(loop_ratios), ">= 0.9",
-                         "the part that scales with the corpus: read + convert + check + search + write "
-                         "(meta.json seconds_rank0), same runs as above"))
+
+        def paired(clock, extra, loop_key, x):
+            """Adjacent runs of ours and raw faiss on ``clock``: per-repeat rates (whole command,
+            shard loop as timed by mlcd in meta.json, raw) and seconds outside the loop."""
+            whole, loop, raw, fixed = [], [], [], []
+            for _ in range(repeats):
+                t0 = clock()
+                assign.main(args + extra)
+                w = clock() - t0
+                lp = json.load(open(meta_path))[loop_key]
+                t0 = clock()
+                index.search(x, L)
+                f = clock() - t0
+                whole.append(n / w)
+                loop.append(n / lp)
+                raw.append(n / f)
+                fixed.append(w - lp)
+            return whole, loop, raw, fixed
+
+        def rate_rows(metric, whole, loop, raw, note_whole, note_loop):
+            """Median rates and the median of the paired ratios, for the command and its loop."""
+            med = statistics.median
+            ref_name = "raw faiss IndexFlatIP.search"
+            return [row("assign", metric, med(whole), med(raw), ref_name,
+                        med(a / b for a, b in zip(whole, raw)), ">= 0.9", note_whole),
+                    row("assign", metric + ", shard loop", med(loop), med(raw), ref_name,
+                        med(a / b for a, b in zip(loop, raw)), ">= 0.9", note_loop)]
+
+        whole, loop, raw, fixed = paired(time.perf_counter, [], "seconds_rank0", x)
+        rows += rate_rows("embeddings/s", whole, loop, raw,
+                          f"N={n} d={d} k={k} L={L}; the whole command: fp16 files read, checked, searched, "
+                          f"labels/scores/keys written, stats.json + plot ({statistics.median(fixed):.2f} s "
+                          f"outside the shard loop: stats are summed during it, the plot is O(k)); "
+                          f"{threads} threads; median of {repeats} paired ratios",
+                          "the part that scales with the corpus: read + convert + check + search + write "
+                          "(meta.json seconds_rank0), same runs as above")
         # the same on one thread, in CPU seconds: insensitive to other processes on a shared machine
         faiss.omp_set_num_threads(1)
         try:
-            cr, co, cf, clr, clo = [], [], [], [], []
-            for r in range(repeats):
-                t0 = time.process_time()
-                assign.main(args + ["--threads", "1"])
-                o = time.process_time() - t0
-                loop = json.load(open(meta_path))["cpu_seconds_rank0"]
-                t0 = time.process_time()
-                index.search(x, L)
-                f = time.process_time() - t0
-                co.append(n / o)
-                cf.append(n / f)
-                cr.append(f / o)
-                clo.append(n / loop)
-                clr.append(f / loop)
+            whole, loop, raw, _ = paired(time.process_time, ["--threads", "1"], "cpu_seconds_rank0", x)
         finally:
             faiss.omp_set_num_threads(threads)
-        rows.append(row("assign", "embeddings/CPU-s", statistics.median(co), statistics.median(cf),
-                         "raw faiss IndexFlatIP.search", statistics.median(cr), ">= 0.9",
-                         f"1 thread, process CPU time (all of ours: reader thread, writing, stats, plot); "
-                         f"median of {repeats} paired ratios"))
-        rows.append(row("assign", "embeddings/CPU-s, shard loop", statistics.median(clo), statistics.median(cf),
-                         "raw faiss IndexFlatIP.search", statistics.median(clr), ">= 0.9",
-                         "1 thread, process CPU time of the shard loop (meta.json cpu_seconds_rank0, all threads), "
-                         "same runs as above"))
+        rows += rate_rows("embeddings/CPU-s", whole, loop, raw,
+                          f"1 thread, process CPU time (all of ours: reader thread, writing, stats, plot); "
+                          f"median of {repeats} paired ratios",
+                          "1 thread, process CPU time of the shard loop (meta.json cpu_seconds_rank0, all "
+                          "threads), same runs as above")
         del x
 
         if throughput_only:

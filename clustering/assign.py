@@ -123,16 +123,14 @@ def iter_run_chunks(shards: list[store.EmbShard], chunk: int):
             yield sh, start, raw
 
 
-def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold, bar=None, chunks=None):
-    """(labels int32 [n, L], scores float16 [n, L]) of one shard.  ``chunks``: this shard's
-    (start, raw) chunks (default: read here through a prefetch thread of its own)."""
+def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold, bar=None, *, chunks):
+    """(labels int32 [n, L], scores float16 [n, L]) of one shard from its (start, raw) ``chunks``
+    (of at most ``chunk`` rows, from the run-wide reader: see :func:`iter_run_chunks`)."""
     labels = np.empty((shard.n, L), dtype=np.int32)
     scores = np.empty((shard.n, L), dtype=np.float16)
     # the reader thread only reads (float16); conversion and checks happen here, so at most
     # two raw chunks and one float32 chunk are alive: memory is bounded by --chunk, not n
     buf = np.empty((min(chunk, shard.n), shard.d), dtype=np.float32)  # reused for every chunk
-    if chunks is None:
-        chunks = store.prefetch(store.iter_raw_chunks(shard, chunk))
     for start, raw in chunks:
         x = store.to_checked_f32(raw, shard, start, out=buf)
         del raw

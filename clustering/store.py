@@ -144,23 +144,26 @@ def open_emb(root: str | os.PathLike, expect_embedder: str | None = None) -> Emb
     return EmbFolder(root, meta, shards)
 
 
-def check_rows(x: np.ndarray, shard: EmbShard, start: int) -> None:
-    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk.
-
-    One pass over the values: a NaN or inf anywhere in a row makes its squared norm NaN or
-    inf, so only rows whose norm is not finite are looked at element by element."""
+def _row_problems(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows with NaN/inf, rows of zero norm) of a float32 chunk, in one pass over the values:
+    a NaN or inf anywhere in a row makes its squared norm NaN or inf, so rows are looked at
+    element by element only when some norm is not finite."""
     norms = np.einsum("ij,ij->i", x, x)
-    if not np.isfinite(norms).all():
-        bad = ~np.isfinite(x).all(axis=1)
+    if np.isfinite(norms).all():
+        nonfinite = np.zeros(len(x), dtype=bool)
+    else:
+        nonfinite = ~np.isfinite(x).all(axis=1)
+    return nonfinite, norms < 1e-12
+
+
+def check_rows(x: np.ndarray, shard: EmbShard, start: int) -> None:
+    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk."""
+    nonfinite, zero = _row_problems(x)
+    for bad, what in ((nonfinite, "NaN/inf values"), (zero, "zero norm")):
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
-            raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has NaN/inf values "
+            raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has {what} "
                             f"({int(bad.sum())} such rows in this chunk)")
-    zero = norms < 1e-12
-    if zero.any():
-        r = int(np.flatnonzero(zero)[0])
-        raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has zero norm "
-                        f"({int(zero.sum())} such rows in this chunk)")
 
 
 def read_raw(shard: EmbShard, start: int, stop: int) -> np.ndarray:
@@ -253,16 +256,9 @@ def gather(folder: EmbFolder, rows: np.ndarray, check: bool = True, chunk_rows: 
 
 
 def _first_bad(x: np.ndarray) -> int | None:
-    norms = np.einsum("ij,ij->i", x, x)
-    bad = (norms < 1e-12) | (~np.isfinite(x).all(axis=1) if not np.isfinite(norms).all() else False)
+    nonfinite, zero = _row_problems(x)
+    bad = nonfinite | zero
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
-
-
-def load_keys(shard: EmbShard) -> np.ndarray:
-    try:
-        return np.load(shard.keys_path, allow_pickle=False)
-    except ValueError as exc:
-        raise MLCDError(f"{shard.keys_path}: unreadable keys ({exc})") from None
 
 
 def copy_keys(shard: EmbShard, dest: str) -> None:
