@@ -72,7 +72,8 @@ class FaissSearcher:
         else:
             index = faiss.IndexFlatIP(d)
             index.add(c)
-        if gpu and faiss_has_gpu():
+        self.on_gpu = bool(gpu and faiss_has_gpu())
+        if self.on_gpu:
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
         self.index = index
@@ -96,6 +97,7 @@ class TorchSearcher:
         import torch
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.on_gpu = self.device.type == "cuda"
         if cand_dtype is None:
             cand_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         if cand_dtype not in CAND_ERR:

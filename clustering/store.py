@@ -178,6 +178,42 @@ def read_raw(shard: EmbShard, start: int, stop: int) -> np.ndarray:
     return a.reshape(stop - start, shard.d)
 
 
+def advise_willneed(shard: EmbShard, start: int, stop: int) -> None:
+    """Ask the kernel to start reading rows ``start:stop`` into the page cache
+    (posix_fadvise WILLNEED, asynchronous; a no-op where the call does not exist)."""
+    if not hasattr(os, "posix_fadvise") or stop <= start:
+        return
+    row = shard.d * shard.info.dtype.itemsize
+    with contextlib.suppress(OSError):
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, shard.info.offset + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def iter_raw_run(shards: list[EmbShard], chunk_rows: int, ahead_bytes: int = 64 << 20):
+    """(shard, start row, stored-dtype chunk) over every shard of a run, in order, read in the
+    calling thread while the kernel reads about ``ahead_bytes`` further on (shard boundaries
+    included) through :func:`advise_willneed`.
+
+    Not a read-ahead thread: on a machine whose cores the search keeps busy, a thread copying
+    from the page cache preempts one of the search's OpenMP threads and the others wait for it
+    at the next barrier.  Reading between searches measured faster (``mlcd assign`` at 500k x 256
+    on 2 cores: shard loop 0.95 of raw faiss against 0.92 with the thread), and the kernel's
+    readahead still overlaps disk or network reads with the search."""
+    spans = [(sh, a, min(sh.n, a + chunk_rows)) for sh in shards for a in range(0, sh.n, chunk_rows)]
+    nbytes = [(b - a) * sh.d * sh.info.dtype.itemsize for sh, a, b in spans]
+    advised, window = 0, 0  # spans[:advised] were advised; window = bytes advised but not yet read
+    for i, (sh, a, b) in enumerate(spans):
+        while advised < len(spans) and (advised <= i or window < ahead_bytes):
+            advise_willneed(*spans[advised])
+            window += nbytes[advised]
+            advised += 1
+        window -= nbytes[i]
+        yield sh, a, read_raw(sh, a, b)
+
+
 def to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 copy of a float16/float32 [m, d] array, into ``out[:m]`` when given (reusing a
     buffer avoids page faults on a fresh allocation every chunk).
@@ -347,42 +383,3 @@ def write_meta(root: str | os.PathLike, embedder: str, dim: int, counts: dict, c
                      {"embedder": embedder, "dim": int(dim), "dtype": "float16", "normalised": True,
                       "complete": bool(complete), "total": int(sum(counts.values())),
                       "counts": {k: int(v) for k, v in counts.items()}, **extra})
-
-
-def prefetch(iterable, depth: int = 1):
-    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (file reads and fp16
-    conversion overlap the search, which releases the GIL).  Exceptions are re-raised here."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in iterable:
-                if stop.is_set():
-                    return
-                q.put(("item", item))
-            q.put(("end", done))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(("error", exc))
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.05)

@@ -266,6 +266,74 @@ def test_to_f32_equals_numpy_and_checks_rows():
     store.check_rows(big, sh, 0)
 
 
+def test_run_reader_reads_in_order_and_advises_ahead(setup, monkeypatch):
+    """store.iter_raw_run: every row of every shard once, in order; each span advised to the
+    kernel exactly once, before it is read, keeping about ``ahead_bytes`` advised ahead."""
+    root, _, _, _ = setup
+    emb = store.open_emb(root)
+    events = []
+    real_read = store.read_raw
+    monkeypatch.setattr(store, "advise_willneed", lambda sh, a, b: events.append(("advise", sh.name, a, b)))
+    monkeypatch.setattr(store, "read_raw",
+                        lambda sh, a, b: events.append(("read", sh.name, a, b)) or real_read(sh, a, b))
+    chunk, row_bytes = 64, 16 * 2
+    ahead = 3 * chunk * row_bytes  # three chunks
+    got = list(store.iter_raw_run(emb.shards, chunk, ahead_bytes=ahead))
+    for sh in emb.shards:  # the data, shard by shard, in order
+        mine = [(a, raw) for s, a, raw in got if s is sh]
+        assert [a for a, _ in mine] == list(range(0, sh.n, chunk))
+        np.testing.assert_array_equal(np.concatenate([r for _, r in mine]), np.load(sh.path))
+    reads = [e[1:] for e in events if e[0] == "read"]
+    advised = [e[1:] for e in events if e[0] == "advise"]
+    assert advised == reads  # every span advised once, in reading order
+    for i, span in enumerate(reads):  # advised before read, and the window ahead is kept full
+        pos = events.index(("read", *span))
+        n_advised = sum(1 for e in events[:pos] if e[0] == "advise")
+        assert n_advised >= i + 1
+        bytes_ahead = sum((b - a) * row_bytes for _, a, b in advised[i + 1: n_advised])
+        remaining = sum((b - a) * row_bytes for _, a, b in reads[i + 1:])
+        assert bytes_ahead >= min(ahead - chunk * row_bytes, remaining)
+    store.advise_willneed(emb.shards[0], 0, 10)  # the real call on a real file: no error
+
+
+def test_default_chunk_gives_the_same_labels(setup, tmp_path):
+    root, cpath, _, _ = setup
+    common = ["--emb", str(root), "--centroids", str(cpath), "--topk", "5", "--threads", "1"]
+    assert assign.main(common + ["--out", str(tmp_path / "a")]) == 0  # default chunk (4096 on CPU)
+    assert assign.main(common + ["--out", str(tmp_path / "b"), "--chunk", "7"]) == 0
+    for name in ("part-000000", "part-000002"):
+        for kind in ("labels", "scores"):
+            np.testing.assert_array_equal(np.load(tmp_path / "a" / f"{name}.{kind}.npy"),
+                                          np.load(tmp_path / "b" / f"{name}.{kind}.npy"))
+    with pytest.raises(MLCDError, match="--chunk must be positive"):
+        assign.main(common + ["--out", str(tmp_path / "c"), "--chunk", "-3"])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_label_stats_equal_bruteforce(padded):
+    rng = np.random.default_rng(3)
+    k, L = 30, 4
+    lab = rng.integers(0, k, (500, L)).astype(np.int32)
+    sc = rng.random((500, L)).astype(np.float16)
+    if padded:  # --threshold pads with -1 / -inf, never in the first column
+        drop = rng.random((500, L)) < 0.4
+        drop[:, 0] = False
+        lab[drop] = -1
+        sc[drop] = -np.inf
+    acc = assign.LabelStats(k, L)
+    acc.add(lab[:200], sc[:200], None)
+    acc.add(lab[200:], sc[200:], None)
+    got = acc.result()
+    valid = lab >= 0
+    topl = np.bincount(lab[valid], minlength=k)
+    assert got["topL"]["max"] == topl.max() and got["topL"]["empty"] == int((topl == 0).sum())
+    assert got["topL"]["mean"] == pytest.approx(valid.sum() / k)
+    assert got["labels_per_image_mean"] == pytest.approx(valid.sum() / 500)
+    assert got["mean_similarity_topL"] == pytest.approx(sc[valid].astype(np.float64).mean())
+    assert got["mean_similarity_top1"] == pytest.approx(sc[:, 0].astype(np.float64).mean())
+    assert got["top1"]["max"] == np.bincount(lab[:, 0], minlength=k).max()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _snapshot(folder):
