@@ -12,6 +12,9 @@ Rows:
     plot and writing stats.json are a fixed ~0.2 s at the end), from the same runs;
   * peak RSS (ru_maxrss of a child process) of ``mlcd assign`` over 2M x 512 float16
     embeddings (2 GB on disk) against the 1.5 GB budget (ratio = ours / budget, target <= 1);
+  * ``--backend torch`` against ``--backend faiss`` (faiss-cpu), whole command: on a CUDA
+    machine this is the GPU torch path (bf16 candidates + exact re-rank) against faiss on
+    the CPU; without one, torch's fp32 CPU path;
   * ``--approx`` (IVF over the centres) at k = 100k: speed-up over exact search on the same
     queries, with recall@L on them, for random and for clustered centres, at nprobe 16, 64
     and the nprobe that ``--target-recall 0.95`` picks (tuned on 5000 of the queries).
@@ -31,6 +34,7 @@ import numpy as np
 
 from bench.bench_cluster import make_data, write_emb
 from bench.common import row
+from clustering import assign
 
 L = 8
 
@@ -65,11 +69,32 @@ def write_big_emb(root: str, n: int, d: int, shards: int = 40, seed: int = 0) ->
     store.write_meta(root, "bench:random", d, counts)
 
 
+def _torch_backend_row(args: list[str], meta_path: str, n: int, repeats: int) -> dict:
+    """``--backend torch`` (CUDA when there is one: bf16 candidates + exact fp32 re-rank; on a
+    CPU fp32 matmul + top-k) against ``--backend faiss`` on the CPU, same data, whole command."""
+    import torch
+
+    base = [a for a in args if a not in ("--backend", "faiss")]
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    times = {"torch": [], "faiss": []}
+    meta = {}
+    for _ in range(repeats):
+        for backend in times:  # interleaved
+            t0 = time.perf_counter()
+            assign.main(base + ["--backend", backend])
+            times[backend].append(time.perf_counter() - t0)
+            if backend == "torch":
+                meta = json.load(open(meta_path))["search"]
+    tt, tf = statistics.median(times["torch"]), statistics.median(times["faiss"])
+    return row("assign", "embeddings/s, --backend torch", n / tt, n / tf, "--backend faiss (faiss-cpu)", tf / tt,
+               None, f"torch on {dev} (candidates {meta.get('cand_dtype')}, exact fallback rows "
+                     f"{meta.get('exact_fallback_rows')}); whole command; median of {repeats}")
+
+
 def run(quick: bool = False, repeats: int | None = None, n: int | None = None,
         throughput_only: bool = False) -> list[dict]:
     import faiss
 
-    from clustering import assign
     from clustering.search import FaissSearcher
     from clustering.store import normalise
 
@@ -134,10 +159,11 @@ def run(quick: bool = False, repeats: int | None = None, n: int | None = None,
         finally:
             faiss.omp_set_num_threads(threads)
         rows += rate_rows("embeddings/CPU-s", whole, loop, raw,
-                          f"1 thread, process CPU time (all of ours: reader thread, writing, stats, plot); "
+                          f"1 thread, process CPU time (all of ours: reading, writer thread, stats, plot); "
                           f"median of {repeats} paired ratios",
                           "1 thread, process CPU time of the shard loop (meta.json cpu_seconds_rank0, all "
                           "threads), same runs as above")
+        rows.append(_torch_backend_row(args, meta_path, n, min(repeats, 3)))
         del x
 
         if throughput_only:
