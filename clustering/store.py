@@ -156,12 +156,14 @@ def _row_problems(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return nonfinite, norms < 1e-12
 
 
-def check_rows(x: np.ndarray, shard: EmbShard, start: int) -> None:
-    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk."""
+def check_rows(x: np.ndarray, shard: EmbShard, start: int, rows: np.ndarray | None = None) -> None:
+    """MLCDError naming shard and row for NaN/inf or zero-norm rows of a float32 chunk (``x``
+    holds the chunk's rows ``rows`` when given, sorted, else all of them)."""
     nonfinite, zero = _row_problems(x)
     for bad, what in ((nonfinite, "NaN/inf values"), (zero, "zero norm")):
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
+            r = int(rows[r]) if rows is not None else r
             raise MLCDError(f"{shard.path}: row {start + r} (shard {shard.name}) has {what} "
                             f"({int(bad.sum())} such rows in this chunk)")
 

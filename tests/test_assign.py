@@ -334,6 +334,52 @@ def test_label_stats_equal_bruteforce(padded):
     assert got["top1"]["max"] == np.bincount(lab[:, 0], minlength=k).max()
 
 
+@pytest.mark.parametrize("search", [("--backend", "faiss"), ("--backend", "faiss", "--approx", "--nprobe", "2"),
+                                    ("--backend", "torch"), ("--backend", "torch", "--cand-dtype", "bfloat16")],
+                         ids=["faiss", "ivf", "torch", "torch-bf16"])
+def test_bad_rows_found_from_the_scores(tmp_path, search):
+    """assign checks rows through their search scores (check_by_scores): every kind of bad row is
+    still named, with the first such row and the count, for every search path; a valid row whose
+    scores are all 0 (orthogonal to every centre) is looked at and accepted."""
+    rng = np.random.default_rng(5)
+    d, n = 16, 700
+    cent = store.normalise(rng.normal(size=(50, d))).astype(np.float32)
+    cent[:, 3] = 0  # no centre uses dimension 3 ...
+    cent = store.normalise(cent)
+    cpath = tmp_path / "c.npy"
+    np.save(cpath, cent)
+    good = store.normalise(rng.normal(size=(n, d))).astype(np.float16)
+    good[650] = 0
+    good[650, 3] = 1  # ... so this unit row scores exactly 0 against all of them: valid
+    cases = {"nan": (np.nan, "NaN/inf"), "inf": (np.inf, "NaN/inf"), "-inf": (-np.inf, "NaN/inf"),
+             "zero": (0.0, "zero norm"), "tiny": (1e-8, "zero norm")}
+    for case, (value, what) in cases.items():
+        root = tmp_path / f"emb-{case}"
+        root.mkdir()
+        x = good.copy()
+        for r in (517, 553):  # two bad rows in one chunk (rows 300-599)
+            if case in ("zero", "tiny"):
+                x[r] = 0
+                x[r, 0] = value  # tiny: norm 6e-8 in float16, below the check's 1e-6
+            else:
+                x[r, 7] = value
+        np.save(root / "s.npy", x)
+        np.save(root / "s.keys.npy", np.array([f"k{i}" for i in range(n)]))
+        store.write_meta(root, "test", d, {"s": n})
+        with pytest.raises(MLCDError, match=rf"s\.npy: row 517 \(shard s\) has {what}.*\(2 such rows"):
+            assign.main(["--emb", str(root), "--centroids", str(cpath), "--topk", "3", "--out",
+                         str(tmp_path / f"lbl-{case}"), "--chunk", "300", "--threads", "1", *search])
+        assert not (tmp_path / f"lbl-{case}" / "s.labels.npy").exists()
+    root = tmp_path / "emb-good"
+    root.mkdir()
+    np.save(root / "s.npy", good)
+    np.save(root / "s.keys.npy", np.array([f"k{i}" for i in range(n)]))
+    store.write_meta(root, "test", d, {"s": n})
+    assert assign.main(["--emb", str(root), "--centroids", str(cpath), "--topk", "3", "--out",
+                        str(tmp_path / "lbl-good"), "--chunk", "300", "--threads", "1", *search]) == 0
+    assert np.load(tmp_path / "lbl-good" / "s.scores.npy")[650, 0] == 0
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _snapshot(folder):
