@@ -92,6 +92,8 @@ class FaissSearcher:
 class TorchSearcher:
     """Low-precision candidate pick + exact fp32 re-rank (see module docstring)."""
 
+    rerank_bytes = 256 << 20  # gathered candidate centres held at once by the re-rank
+
     def __init__(self, centroids: np.ndarray, device: str | None = None, cand_dtype: str | None = None,
                  extra: int = 16):
         import torch
@@ -138,7 +140,12 @@ class TorchSearcher:
             low = x32.to(self.tdt) @ self.cc.T
         cs, ci = torch.topk(low, c, dim=1)
         del low
-        exact = torch.einsum("md,mcd->mc", x32, self.c32[ci])  # fp32 scores of the candidates
+        # fp32 scores of the candidates, in row blocks: the gathered centres of a block take
+        # rows x c x d x 4 bytes (65536 x 24 x 1024 would be 6.4 GB at once)
+        exact = torch.empty(ci.shape, dtype=torch.float32, device=x32.device)
+        step = max(1, self.rerank_bytes // (c * x32.shape[1] * 4))
+        for s in range(0, x32.shape[0], step):
+            exact[s: s + step] = torch.einsum("md,mcd->mc", x32[s: s + step], self.c32[ci[s: s + step]])
         es, order = torch.sort(exact, dim=1, descending=True)
         ids = torch.gather(ci, 1, order)[:, :L]
         es = es[:, :L]

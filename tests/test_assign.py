@@ -75,6 +75,10 @@ def test_torch_backend_equals_faiss(cand):
     np.testing.assert_allclose(Dt, Df, atol=1e-5)
     if cand == "bfloat16":  # random data has near ties: the exact fallback must have been exercised
         assert 0 < ts.n_fallback < 500
+        ts.rerank_bytes = 7 * 12 * 32 * 4  # re-rank in blocks of 7 rows (500 = 71 x 7 + 3)
+        Db, Ib = ts.search(x, 8)
+        np.testing.assert_array_equal(Ib, If)
+        np.testing.assert_allclose(Db, Df, atol=1e-5)
 
 
 def test_threshold_keeps_top1_and_pads(setup, tmp_path):
