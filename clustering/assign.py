@@ -18,11 +18,12 @@ has ``<shard>.cls.npy``) and ``LBL/cluster_sizes.png``.
 
 Streaming: shards are read in ``--chunk`` rows between searches (the kernel reads ahead,
 ``posix_fadvise``), searched, and written by a background writer while the next shard is
-searched, so memory does not grow with the corpus; the statistics are summed on the way.  Exact search by default (faiss
-``IndexFlatIP``); ``--approx`` searches the centres through an IVF index (``--nlist``,
-``--nprobe``) and reports recall@L against exact search on ``--recall-sample`` rows;
-``--target-recall R`` instead picks the smallest nprobe (doubling from 1) whose recall@L on
-that sample reaches R, and records the curve in meta.json.  ``--backend torch``: bf16
+searched, so memory does not grow with the corpus; the statistics are summed on the way,
+and NaN / zero-norm rows are found from the search scores (:func:`check_by_scores`).
+Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through
+an IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
+``--recall-sample`` rows; ``--target-recall R`` instead picks the smallest nprobe (doubling
+from 1) whose recall@L on that sample reaches R, and records the curve in meta.json.  ``--backend torch``: bf16
 candidate pick on GPU + exact fp32 re-rank, equal to exact search (see
 clustering/search.py).  A rerun skips finished shards; ``--overwrite`` redoes them.
 

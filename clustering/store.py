@@ -10,8 +10,9 @@ values), before anything is written:
 * keys (and ``.cls.npy`` when present) with a row count different from the embeddings;
 * NaN/inf or zero-norm rows (found while streaming; the message names shard and row).
 
-Rows are read with plain file reads (:func:`iter_chunks`), never by mapping a whole file,
-so the resident memory of a pass over the corpus is one chunk, whatever its size.
+Rows are read with plain file reads (:func:`iter_chunks`, :func:`iter_raw_run`), never by
+mapping a whole file, so the resident memory of a pass over the corpus is one chunk,
+whatever its size.
 """
 from __future__ import annotations
 
@@ -256,12 +257,6 @@ def iter_chunks(shard: EmbShard, chunk_rows: int, check: bool = True) -> Iterato
     """(start row, float32 [m, d]) chunks of one shard, validated (NaN, zero norm)."""
     for start in range(0, shard.n, chunk_rows):
         yield start, read_rows(shard, start, min(shard.n, start + chunk_rows), check)
-
-
-def iter_raw_chunks(shard: EmbShard, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(start row, stored-dtype [m, d]) chunks; convert with :func:`to_checked_f32`."""
-    for start in range(0, shard.n, chunk_rows):
-        yield start, read_raw(shard, start, min(shard.n, start + chunk_rows))
 
 
 def gather(folder: EmbFolder, rows: np.ndarray, check: bool = True, chunk_rows: int = 1 << 16) -> np.ndarray:
