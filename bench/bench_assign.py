@@ -10,7 +10,7 @@ Rows:
     ``IndexFlatIP.search`` over the same rows already in memory as float32, same k and L
     (target >= 0.9); the same for the shard loop alone (what grows with the corpus: the
     plot and writing stats.json are a fixed ~0.2 s at the end), from the same runs;
-  * peak RSS (ru_maxrss of a child process) of ``mlcd assign`` over 2M x 512 float16
+  * peak RSS (VmHWM of a child process) of ``mlcd assign`` over 2M x 512 float16
     embeddings (2 GB on disk) against the 1.5 GB budget (ratio = ours / budget, target <= 1);
   * ``--backend torch`` against ``--backend faiss`` (faiss-cpu), whole command: on a CUDA
     machine this is the GPU torch path (bf16 candidates + exact re-rank) against faiss on
