@@ -16,10 +16,10 @@ Also ``LBL/meta.json`` (k, topk, centroids, embedder, threshold, search, per-sha
 k*sum(n_i^2)/N^2, mean similarity, purity against the shards' ground-truth classes when EMB
 has ``<shard>.cls.npy``) and ``LBL/cluster_sizes.png``.
 
-Streaming: shards are read in ``--chunk`` rows between searches (the kernel reads ahead,
-``posix_fadvise``), searched, and written by a background writer while the next shard is
-searched, so memory does not grow with the corpus; the statistics are summed on the way,
-and NaN / zero-norm rows are found from the search scores (:func:`check_by_scores`).
+Streaming: shards are read in ``--chunk`` rows between searches (the kernel reads ahead),
+searched, and written by a background writer while the next shard is searched, so memory
+does not grow with the corpus; the statistics are summed on the way, and NaN / zero-norm
+rows are found from the search scores (:func:`check_by_scores`).
 Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through
 an IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
 ``--recall-sample`` rows; ``--target-recall R`` instead picks the smallest nprobe (doubling

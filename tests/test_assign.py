@@ -270,34 +270,14 @@ def test_to_f32_equals_numpy_and_checks_rows():
     store.check_rows(big, sh, 0)
 
 
-def test_run_reader_reads_in_order_and_advises_ahead(setup, monkeypatch):
-    """store.iter_raw_run: every row of every shard once, in order; each span advised to the
-    kernel exactly once, before it is read, keeping about ``ahead_bytes`` advised ahead."""
+def test_run_reader_reads_every_row_once_in_order(setup):
+    """store.iter_raw_run: every row of every shard once, shard by shard, in chunks."""
     root, _, _, _ = setup
     emb = store.open_emb(root)
-    events = []
-    real_read = store.read_raw
-    monkeypatch.setattr(store, "advise_willneed", lambda sh, a, b: events.append(("advise", sh.name, a, b)))
-    monkeypatch.setattr(store, "read_raw",
-                        lambda sh, a, b: events.append(("read", sh.name, a, b)) or real_read(sh, a, b))
-    chunk, row_bytes = 64, 16 * 2
-    ahead = 3 * chunk * row_bytes  # three chunks
-    got = list(store.iter_raw_run(emb.shards, chunk, ahead_bytes=ahead))
-    for sh in emb.shards:  # the data, shard by shard, in order
-        mine = [(a, raw) for s, a, raw in got if s is sh]
-        assert [a for a, _ in mine] == list(range(0, sh.n, chunk))
-        np.testing.assert_array_equal(np.concatenate([r for _, r in mine]), np.load(sh.path))
-    reads = [e[1:] for e in events if e[0] == "read"]
-    advised = [e[1:] for e in events if e[0] == "advise"]
-    assert advised == reads  # every span advised once, in reading order
-    for i, span in enumerate(reads):  # advised before read, and the window ahead is kept full
-        pos = events.index(("read", *span))
-        n_advised = sum(1 for e in events[:pos] if e[0] == "advise")
-        assert n_advised >= i + 1
-        bytes_ahead = sum((b - a) * row_bytes for _, a, b in advised[i + 1: n_advised])
-        remaining = sum((b - a) * row_bytes for _, a, b in reads[i + 1:])
-        assert bytes_ahead >= min(ahead - chunk * row_bytes, remaining)
-    store.advise_willneed(emb.shards[0], 0, 10)  # the real call on a real file: no error
+    got = list(store.iter_raw_run(emb.shards, 64))
+    assert [(s.name, a) for s, a, _ in got] == [(sh.name, a) for sh in emb.shards for a in range(0, sh.n, 64)]
+    for sh in emb.shards:
+        np.testing.assert_array_equal(np.concatenate([r for s, _, r in got if s is sh]), np.load(sh.path))
 
 
 def test_default_chunk_gives_the_same_labels(setup, tmp_path):
