@@ -16,9 +16,9 @@ Also ``LBL/meta.json`` (k, topk, centroids, embedder, threshold, search, per-sha
 k*sum(n_i^2)/N^2, mean similarity, purity against the shards' ground-truth classes when EMB
 has ``<shard>.cls.npy``) and ``LBL/cluster_sizes.png``.
 
-Streaming: shards are read in ``--chunk`` rows between searches (the kernel reads ahead),
-searched, and written by a background writer while the next shard is searched, so memory
-does not grow with the corpus; the statistics are summed on the way, and NaN / zero-norm
+Streaming: shards are read in ``--chunk`` rows by one read-ahead thread, searched, and
+written by a background writer while the next shard is searched, so memory does not grow
+with the corpus; the statistics are summed on the way, and NaN / zero-norm
 rows are found from the search scores (:func:`check_by_scores`).
 Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through
 an IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
@@ -120,7 +120,8 @@ def assign_shard(searcher, shard: store.EmbShard, L: int, chunk: int, threshold,
     (of at most ``chunk`` rows, from the run-wide reader: see :func:`store.iter_raw_run`)."""
     labels = np.empty((shard.n, L), dtype=np.int32)
     scores = np.empty((shard.n, L), dtype=np.float16)
-    # one raw chunk and one float32 chunk are alive: memory is bounded by --chunk, not n
+    # the reader thread only reads (float16): at most two raw chunks and one float32 chunk
+    # are alive, so memory is bounded by --chunk, not n
     buf = np.empty((min(chunk, shard.n), shard.d), dtype=np.float32)  # reused for every chunk
     for start, raw in chunks:
         x = store.to_f32(raw, out=buf)
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = OrderedWriter(depth=1)
     acc = LabelStats(k, L) if info.is_main and not args.no_stats else None
     in_acc: set = set()
-    reader = store.iter_raw_run(todo, chunk)
+    reader = store.prefetch(store.iter_raw_run(todo, chunk))  # one read-ahead thread per run
     try:
         for sh in todo:
             labels, scores = assign_shard(searcher, sh, L, chunk, args.threshold, bar,
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.close(wait_only=True)  # finished shards still land on disk
         raise
     finally:
-        reader.close()
+        reader.close()  # stops the read-ahead thread
     writer.close()
     bar.close()
     seconds = time.perf_counter() - t0

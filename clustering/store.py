@@ -182,17 +182,14 @@ def read_raw(shard: EmbShard, start: int, stop: int) -> np.ndarray:
 
 
 def iter_raw_run(shards: list[EmbShard], chunk_rows: int):
-    """(shard, start row, stored-dtype chunk) over every shard of a run, in order, read in the
-    calling thread, between searches.
+    """(shard, start row, stored-dtype chunk) over every shard of a run, in order; ``mlcd
+    assign`` iterates it through one :func:`prefetch` thread for the whole run, so the next
+    shard's first chunk is read while this shard's last chunk is searched.
 
-    Not a read-ahead thread: on a machine whose cores the search keeps busy, a thread copying
-    from the page cache preempts one of the search's OpenMP threads and the others wait for it
-    at the next barrier.  Reading between searches measured faster (``mlcd assign`` at 500k x 256
-    on 2 cores: shard loop 0.95 of raw faiss against 0.92 with the thread).  Reads of a file
-    are sequential, so the kernel's own readahead (``read_ahead_kb``) fetches the next chunks
-    from disk while the search runs; asking for more with ``posix_fadvise(WILLNEED)`` 8 or
-    64 MB ahead measured no faster from a cold page cache (500k x 256, caches dropped, 3 runs:
-    loop 5.5-6.0 s without, 5.8-6.4 s with)."""
+    Measured on the 2-core VM (500k x 256, 6 paired runs in alternating order): reading in
+    the main thread between searches instead was no faster (whole command 0.89 vs 0.91 of raw
+    faiss), and asking the kernel for more readahead (``posix_fadvise WILLNEED`` 8 or 64 MB
+    ahead) no faster from a cold page cache; the thread also hides slow storage."""
     for sh in shards:
         for a in range(0, sh.n, chunk_rows):
             yield sh, a, read_raw(sh, a, min(sh.n, a + chunk_rows))
@@ -361,3 +358,42 @@ def write_meta(root: str | os.PathLike, embedder: str, dim: int, counts: dict, c
                      {"embedder": embedder, "dim": int(dim), "dtype": "float16", "normalised": True,
                       "complete": bool(complete), "total": int(sum(counts.values())),
                       "counts": {k: int(v) for k, v in counts.items()}, **extra})
+
+
+def prefetch(iterable, depth: int = 1):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (file reads overlap
+    the search, which releases the GIL).  Exceptions are re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put(("item", item))
+            q.put(("end", done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", exc))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)

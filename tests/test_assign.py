@@ -280,6 +280,33 @@ def test_run_reader_reads_every_row_once_in_order(setup):
         np.testing.assert_array_equal(np.concatenate([r for s, _, r in got if s is sh]), np.load(sh.path))
 
 
+def test_prefetch_order_errors_and_early_close():
+    import itertools
+    import threading
+    import time
+
+    assert list(store.prefetch(iter(range(5)))) == list(range(5))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("shard 3 unreadable")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3 unreadable"):
+        for item in store.prefetch(failing()):
+            got.append(item)
+    assert got == [1, 2]  # items before the error are delivered, then the error is raised here
+    before = set(threading.enumerate())
+    g = store.prefetch(itertools.count())  # an endless producer blocked on the full queue
+    assert next(g) == 0
+    (producer,) = [t for t in threading.enumerate() if t not in before]
+    time.sleep(0.05)  # let it fill the queue and block on the next put
+    g.close()  # must stop the producer thread, not leave it blocked forever
+    producer.join(2)
+    assert not producer.is_alive()
+
+
 def test_default_chunk_gives_the_same_labels(setup, tmp_path):
     root, cpath, _, _ = setup
     common = ["--emb", str(root), "--centroids", str(cpath), "--topk", "5", "--threads", "1"]
