@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from bench.bench_cluster import make_data, write_emb
-from bench.common import row
+from bench.common import cli, row
 from clustering import assign
 
 L = 8
@@ -222,19 +222,10 @@ def run(quick: bool = False, repeats: int | None = None, n: int | None = None,
 
 
 def main() -> None:
-    import argparse
-
-    from bench.common import format_table
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--n", type=int, default=None,
-                   help="corpus size of the throughput rows (the fixed end-of-run cost weighs less as it grows)")
-    p.add_argument("--throughput-only", action="store_true", help="skip the peak-RSS and --approx rows")
-    a = p.parse_args()
-    os.environ.setdefault("MLCD_QUIET", "1")
-    print(format_table(run(a.quick, a.repeats, a.n, a.throughput_only)))
+    cli(run, __doc__, options=(
+        ("--n", dict(type=int, default=None, help="corpus size of the throughput rows (the fixed "
+                                                  "end-of-run cost weighs less as it grows)")),
+        ("--throughput-only", dict(action="store_true", help="skip the peak-RSS and --approx rows"))))
 
 
 if __name__ == "__main__":

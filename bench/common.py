@@ -62,14 +62,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli(run, doc: str) -> None:
-    """The command line of a benchmark module whose ``run`` takes ``quick`` and ``repeats``."""
+def cli(run, doc: str, options: tuple = ()) -> None:
+    """The command line of a benchmark module whose ``run`` takes ``quick`` and ``repeats``, and
+    keyword arguments for each extra ``(flag, argparse kwargs)`` in ``options``."""
     import argparse
     import os
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=None)
+    extra = [p.add_argument(flag, **kw).dest for flag, kw in options]
     a = p.parse_args()
     os.environ.setdefault("MLCD_QUIET", "1")
-    print(format_table(run(a.quick, a.repeats)))
+    print(format_table(run(a.quick, a.repeats, **{name: getattr(a, name) for name in extra})))

@@ -7,9 +7,9 @@
 
 Per EMB shard: ``LBL/<shard>.labels.npy`` int32 [n, L] (most similar first),
 ``LBL/<shard>.scores.npy`` float16 [n, L] (inner products), ``LBL/<shard>.keys.npy`` (EMB's
-keys, hard-linked or copied, row-aligned; written last, it marks the shard finished).  ``--threshold T`` keeps
-only centres with similarity > T, padding with label -1 and score -inf; the top-1 is always
-kept (the paper's adaptive variant).
+keys, hard-linked or copied, row-aligned; written last, it marks the shard finished).
+``--threshold T`` keeps only centres with similarity > T, padding with label -1 and score
+-inf; the top-1 is always kept (the paper's adaptive variant).
 
 Also ``LBL/meta.json`` (k, topk, centroids, embedder, threshold, search, per-shard counts),
 ``LBL/stats.json`` (cluster sizes by top-1 and top-L, empty clusters, imbalance
@@ -23,9 +23,9 @@ from the search scores (:func:`check_by_scores`).
 Exact search by default (faiss ``IndexFlatIP``); ``--approx`` searches the centres through
 an IVF index (``--nlist``, ``--nprobe``) and reports recall@L against exact search on
 ``--recall-sample`` rows; ``--target-recall R`` instead picks the smallest nprobe (doubling
-from 1) whose recall@L on that sample reaches R, and records the curve in meta.json.  ``--backend torch``: bf16
-candidate pick on GPU + exact fp32 re-rank, equal to exact search (see
-clustering/search.py).  A rerun skips finished shards; ``--overwrite`` redoes them.
+from 1) whose recall@L on that sample reaches R, and records the curve in meta.json.
+``--backend torch``: bf16 candidate pick on GPU + exact fp32 re-rank, equal to exact search
+(see clustering/search.py).  A rerun skips finished shards; ``--overwrite`` redoes them.
 
 Refused before anything is written: centres and embeddings of different dimension, L > k,
 missing/truncated files, an EMB made by another embedder than the centres (or than

@@ -218,17 +218,12 @@ def to_f32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return x
 
 
-def to_checked_f32(raw: np.ndarray, shard: EmbShard, start: int, check: bool = True,
-                   out: np.ndarray | None = None) -> np.ndarray:
-    x = to_f32(raw, out)
+def read_rows(shard: EmbShard, start: int, stop: int, check: bool = True) -> np.ndarray:
+    """Rows ``start:stop`` of a shard as float32, validated (NaN, zero norm)."""
+    x = to_f32(read_raw(shard, start, stop))
     if check:
         check_rows(x, shard, start)
     return x
-
-
-def read_rows(shard: EmbShard, start: int, stop: int, check: bool = True) -> np.ndarray:
-    """Rows ``start:stop`` of a shard as float32, validated (NaN, zero norm)."""
-    return to_checked_f32(read_raw(shard, start, stop), shard, start, check)
 
 
 def iter_chunks(shard: EmbShard, chunk_rows: int, check: bool = True) -> Iterator[tuple[int, np.ndarray]]:
