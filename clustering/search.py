@@ -19,9 +19,13 @@ import numpy as np
 
 from mlcd_train.utils.errors import MLCDError
 
-# Worst error of a bf16 dot product of two unit vectors (inputs rounded at 2^-9 relative,
-# output rounded to bf16, fp32 accumulation): below 2*2^-9 + 2^-9 ~ 0.006.  Margin doubled.
-CAND_ERR = {"bfloat16": 0.012, "float16": 0.004, "tf32": 0.004, "float32": 1e-5}
+# Worst error of a low-precision dot product of two unit vectors, with u the unit roundoff
+# (2^-8 for bf16's 8-bit significand, 2^-11 for fp16 and tf32): inputs rounded (2u + u^2),
+# the output rounded to bf16/fp16 (u), fp32 accumulation (d * 2^-24 < 3e-4 for d <= 4096).
+# bf16: 0.0078 + 0.0039 + 0.0003 = 0.0120; fp16: 0.0018; tf32 (fp32 output): 0.0013.  The
+# values below leave a margin of 1.6x or more, and the candidate matmul runs with cuBLAS's
+# reduced-precision reductions off (see search_torch), so the fp32 accumulation holds.
+CAND_ERR = {"bfloat16": 0.02, "float16": 0.004, "tf32": 0.004, "float32": 1e-5}
 
 
 def faiss_has_gpu() -> bool:
@@ -137,7 +141,14 @@ class TorchSearcher:
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = prev
         else:
-            low = x32.to(self.tdt) @ self.cc.T
+            # cuBLAS may otherwise reduce split-K partial sums in bf16/fp16, beyond CAND_ERR
+            m = torch.backends.cuda.matmul
+            prev = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
+            m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+            try:
+                low = x32.to(self.tdt) @ self.cc.T
+            finally:
+                m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = prev
         cs, ci = torch.topk(low, c, dim=1)
         del low
         # fp32 scores of the candidates, in row blocks: the gathered centres of a block take
