@@ -39,6 +39,8 @@ Deterministic for a given seed and thread count (``--threads``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
 import sys
@@ -49,7 +51,7 @@ import numpy as np
 from clustering import store
 from clustering.search import TorchSearcher, faiss_has_gpu, pick_backend
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_save_json, atomic_save_npy
+from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
 
 DEFAULT_TWO_LEVEL_ABOVE = 65536
 
@@ -176,6 +178,22 @@ def _split_empty(cent, counts, seed: int, it: int):
     return len(empty)
 
 
+def _index_add(sums, ids, src) -> None:
+    """sums.index_add_(0, ids, src), deterministic on CUDA too (where the default float64
+    atomics sum in any order): torch's deterministic mode, for this call only."""
+    import torch
+
+    if sums.device.type != "cuda":
+        sums.index_add_(0, ids, src)
+        return
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        sums.index_add_(0, ids, src)
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
 def torch_lloyd(x_local: np.ndarray, init: np.ndarray, niter: int, seed: int, device=None,
                 chunk: int = 65536, group=None, progress_desc: str | None = None):
     """Spherical Lloyd's on this rank's points; sums/counts all-reduced when distributed.
@@ -206,7 +224,7 @@ def torch_lloyd(x_local: np.ndarray, init: np.ndarray, niter: int, seed: int, de
                 xc = x[s: s + chunk]
                 sc, ids = searcher.search_torch(xc, 1)
                 ids = ids[:, 0]
-                sums.index_add_(0, ids, xc.double())
+                _index_add(sums, ids, xc.double())
                 counts += torch.bincount(ids, minlength=k).double()
                 obj += sc[:, 0].double().sum()
             if distributed:
@@ -309,12 +327,22 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed(device="cuda" if args.gpu else None)
     out_c = os.path.join(args.out, "centroids.npy")
     out_m = os.path.join(args.out, "meta.json")
+    emb = store.open_emb(args.emb, expect_embedder=args.embedder)
     if os.path.exists(out_c) and os.path.exists(out_m) and not args.overwrite:
+        # finished before: nothing to do if it was this run, a clear error if another
+        old = load_json(out_m)
+        asked = {"k": args.k, "emb": store.resolve(args.emb), "embedder": emb.embedder, "seed": args.seed,
+                 "init": args.init, "niter": args.niter, "max_points_per_centroid": args.max_points_per_centroid,
+                 "embedder_info": json.loads(json.dumps(emb.meta.get("embedder_info")))}
+        if args.method != "auto":
+            asked["method"] = args.method
+        differ = [key for key, v in asked.items() if key in old and old[key] != v]
+        if differ:
+            raise MLCDError(f"{out_m}: {args.out} holds centres of another run (differs in {', '.join(differ)}: "
+                            f"{', '.join(f'{key}={old[key]!r}' for key in differ)}); use --overwrite or another --out")
         if info.is_main:
             print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
         return 0
-
-    emb = store.open_emb(args.emb, expect_embedder=args.embedder)
     n_total = emb.total
     if args.k > n_total:
         raise MLCDError(f"{os.path.join(args.emb, store.META)}: k={args.k} is larger than the number of "
@@ -356,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
                 "niter": args.niter, "iterations": len(stats), "objective": [s["obj"] for s in stats],
                 "imbalance": [s["imbalance"] for s in stats], "nsplit": [s["nsplit"] for s in stats],
                 "seconds": seconds, "threads": args.threads or None, "embedder": emb.embedder,
-                "emb": store.resolve(args.emb), **extra}
+                "embedder_info": emb.meta.get("embedder_info"), "emb": store.resolve(args.emb), **extra}
+        # meta.json goes first and comes back last: killed between the two writes, the folder
+        # has no meta.json, so a rerun redoes it instead of pairing new centres with old meta
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out_m)
         atomic_save_npy(out_c, cent)
         atomic_save_json(out_m, meta)
         print(f"mlcd cluster: {args.k} centres from {n_train}/{n_total} points, {method}/{backend}, "

@@ -168,3 +168,28 @@ def test_missing_truncated_other_embedder(tmp_path):
         kmeans.main(args)
     assert ((out / "centroids.npy").read_bytes(), (out / "meta.json").read_bytes()) == before
 
+
+
+def test_rerun_of_another_run_refused_and_kill_between_writes_redone(tmp_path, monkeypatch):
+    """A finished CL folder is kept only for the same run: another --k (or --emb, seed...)
+    without --overwrite is an error, not "nothing to do" over the old centres.  An --overwrite
+    killed after centroids.npy but before meta.json leaves no meta.json, so a rerun redoes it."""
+    make_mixture_emb(tmp_path / "e", n_shards=2, n=50)
+    out = tmp_path / "cl"
+    _cluster(tmp_path / "e", out, k=4)
+    with pytest.raises(MLCDError, match=r"cl/meta\.json: .* holds centres of another run \(differs in k: k=4\)"):
+        kmeans.main(["--emb", str(tmp_path / "e"), "--k", "6", "--out", str(out)])
+    _cluster(tmp_path / "e", out, k=4)  # the same run: nothing to do, no error
+
+    import clustering.kmeans as km
+
+    def killed(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(km, "atomic_save_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        kmeans.main(["--emb", str(tmp_path / "e"), "--k", "6", "--out", str(out), "--overwrite"])
+    assert not (out / "meta.json").exists()
+    monkeypatch.undo()
+    cent, meta = _cluster(tmp_path / "e", out, k=6)  # no --overwrite: the half-written run is redone
+    assert cent.shape == (6, 16) and meta["k"] == 6
