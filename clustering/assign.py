@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -357,15 +358,28 @@ def main(argv: list[str] | None = None) -> int:
     if cmeta.get("embedder") not in (None, "", emb.embedder):
         raise MLCDError(f"{os.path.join(args.emb, store.META)}: embeddings made with {emb.embedder!r}, "
                         f"but the centres {args.centroids} come from {cmeta['embedder']!r}")
+    c_sha = (cmeta.get("embedder_info") or {}).get("weights_sha")
+    e_sha = (emb.meta.get("embedder_info") or {}).get("weights_sha")
+    if c_sha and e_sha and c_sha != e_sha:
+        raise MLCDError(f"{os.path.join(args.emb, store.META)}: embeddings made with other weights "
+                        f"(weights_sha {e_sha}) than the embeddings the centres {args.centroids} were "
+                        f"clustered from ({c_sha}), under the same spec {emb.embedder!r}")
     meta_path = os.path.join(args.out, "meta.json")
-    settings = (k, L, store.resolve(args.centroids), args.threshold)
+    # what makes two runs the same: a rerun may keep the other's finished shards only if all of
+    # these agree (the centres by content, not just by path: a re-clustered CL/ keeps its path)
+    settings = json.loads(json.dumps({
+        "k": k, "topk": L, "centroids": store.resolve(args.centroids),
+        "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(args.emb),
+        "emb_shards": emb.meta.get("shards"), "embedder": emb.embedder, "embedder_info": emb.meta.get("embedder_info"),
+        "threshold": args.threshold}))
     old = load_json(meta_path) if os.path.exists(meta_path) else None
-    same_run = old is not None and (old.get("k"), old.get("topk"), old.get("centroids"),
-                                    old.get("threshold")) == settings
+    differ = [key for key, v in settings.items() if old is not None and old.get(key) != v]
+    same_run = old is not None and not differ
     if old is not None and not same_run and not args.overwrite:
-        raise MLCDError(f"{meta_path}: {args.out} holds labels of another run (k={old.get('k')}, "
-                        f"topk={old.get('topk')}, centroids={old.get('centroids')}, "
-                        f"threshold={old.get('threshold')}); use --overwrite or another --out")
+        raise MLCDError(f"{meta_path}: {args.out} holds labels of another run (differs in "
+                        f"{', '.join(differ)}: {', '.join(f'{key}={old.get(key)!r}' for key in differ)}); "
+                        f"use --overwrite or another --out")
+    barrier()  # every rank has read the old meta.json before rank 0 replaces it
 
     if args.target_recall is not None and not (args.approx and 0 < args.target_recall <= 1):
         raise MLCDError("--target-recall needs --approx and a value in (0, 1]")
@@ -387,9 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mlcd assign: recall {args.target_recall} needs nprobe {nprobe} of nlist "
                   f"{searcher.nlist}: expect no speed-up over exact search (drop --approx); "
                   f"the centres have little cluster structure", file=sys.stderr)
-    base_meta = {"k": k, "topk": L, "centroids": store.resolve(args.centroids), "embedder": emb.embedder,
-                 "emb": store.resolve(args.emb), "threshold": args.threshold, "dim": d,
-                 "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
+    base_meta = {**settings, "dim": d, "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
     if info.is_main and not same_run:
         # written first (complete=false), so a rerun with other settings is refused, not mixed in
         atomic_save_json(meta_path, {**base_meta, "complete": False})
@@ -398,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = [sh for sh in mine if args.overwrite or not label_done(args.out, sh.name, sh.n, L)]
     os.makedirs(args.out, exist_ok=True)
     if old is not None and not same_run:
-        # --overwrite with other settings: every old shard is now another run's, so none may
-        # count as finished if this run is killed before redoing it
+        # --overwrite of another run's labels (other centres, embeddings or settings): none of
+        # its shards may count as finished if this run is killed before redoing it.  Under the
+        # same settings an old shard holds exactly what a redo writes, so it stays.
         for sh in todo:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(args.out, f"{sh.name}.keys.npy"))

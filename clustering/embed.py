@@ -23,6 +23,8 @@ refused unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
@@ -127,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     if not shards:
         raise MLCDError(f"{args.shards}: no shards found")
     names = [shard_name(s) for s in shards]
+    if len(set(names)) != len(names):  # outputs are keyed by name: two would share one file
+        seen: dict = {}
+        for s, n in zip(shards, names):
+            if n in seen:
+                raise MLCDError(f"{s}: shard name {n} also names {seen[n]}; EMB files are keyed by shard "
+                                f"name, so embed the two folders into separate --out folders")
+            seen[n] = s
     out = args.out
     meta_path = os.path.join(out, store.META)
     old = load_json(meta_path) if os.path.exists(meta_path) else None
@@ -148,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                                                    or int(old.get("dim", -1)) != embedder.dim):
         raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
                         f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
+    if info.is_main and args.overwrite:
+        # no old shard may count as finished once this run has begun (before a refit replaces
+        # pca.npz): a run killed halfway must not leave a folder that a plain rerun would
+        # complete with rows of two models
+        for n in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out, f"{n}.keys.npy"))
     if embedder.needs_fit:
         if info.is_main:
             fit_pca(embedder, shards, args.pca_fit_samples, args.batch_size, args.workers)
@@ -155,7 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         barrier()
         if not info.is_main:
             embedder.load(pca_path)
-    describe = embedder.describe()
+    describe = embedder.identity()
+    if old is not None and not args.overwrite and old.get("embedder_info") is not None:
+        was = old["embedder_info"]
+        differ = [key for key in sorted(set(was) | set(describe))
+                  if json.loads(json.dumps(describe.get(key))) != was.get(key)]
+        if differ:
+            raise MLCDError(f"{meta_path}: {out} holds embeddings of another model under the same spec "
+                            f"{embedder.spec!r} (differs in {', '.join(differ)}: "
+                            f"{', '.join(f'{key}={was.get(key)!r}' for key in differ)}); "
+                            f"use --overwrite or another --out")
     if info.is_main:
         os.makedirs(out, exist_ok=True)
         store.write_meta(out, embedder.spec, embedder.dim, {}, complete=False, embedder_info=describe,

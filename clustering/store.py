@@ -316,6 +316,41 @@ def resolve(p: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------- writing
 
+def array_fingerprint(a: np.ndarray) -> str:
+    """Content fingerprint of an array (dtype, shape, bytes): tells a rerun whether the centres
+    behind a path are still the ones its finished shards were labelled with."""
+    import hashlib
+
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> str | None:
+    """Content fingerprint of a weights file, or of the weight files of a model folder
+    (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.npz``); None when ``path`` is
+    neither (a pretrained tag, say).  Read in 8 MB blocks: seconds for a ViT-L checkpoint,
+    once per run."""
+    import hashlib
+
+    path = str(path)
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".npz")))
+    else:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(os.path.basename(f).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(8 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
 def shard_done(root: str | os.PathLike, name: str) -> bool:
     """True when EMB/<shard>.npy and its keys exist, are readable and agree (a finished shard)."""
     try:
@@ -341,6 +376,9 @@ def write_shard(root: str | os.PathLike, name: str, emb: np.ndarray, keys, cls=N
     atomic_save_npy(os.path.join(root, f"{name}.npy"), normalise(emb).astype(np.float16))
     if cls is not None:
         atomic_save_npy(os.path.join(root, f"{name}.cls.npy"), np.asarray(cls, dtype=np.int32))
+    else:  # a redone shard without classes must not keep another run's
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(root, f"{name}.cls.npy"))
     atomic_save_npy(os.path.join(root, f"{name}.keys.npy"), keys)
 
 

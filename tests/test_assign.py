@@ -437,3 +437,38 @@ def test_bad_inputs_named_and_nothing_damaged(setup, tmp_path):
         _run(root, cpath, out, *ov)
     after = _snapshot(out)
     assert after == before
+
+
+def test_rerun_with_other_inputs_refused_not_reused(setup, tmp_path):
+    """A finished LBL folder is "this run" only for the same embeddings and the same centres by
+    content: new centres saved at the same path, or another EMB folder with the same shard
+    names and sizes, are refused (not answered with the old labels); --overwrite redoes all."""
+    root, cpath, cent, _ = setup
+    out = tmp_path / "lbl"
+    assert _run(root, cpath, out) == 0
+    before = _snapshot(out)
+    cent2 = store.normalise(np.random.default_rng(5).normal(size=(40, 16))).astype(np.float32)
+    np.save(cpath, cent2)  # re-clustered into the same CL folder
+    with pytest.raises(MLCDError, match=r"lbl/meta\.json: .* holds labels of another run \(differs in centroids_sha"):
+        _run(root, cpath, out)
+    root2 = tmp_path / "emb2"  # another corpus, same shard names and sizes
+    make_mixture_emb(root2, n_shards=3, n=300, d=16, k=8, noise=0.3, seed=9)
+    with pytest.raises(MLCDError, match=r"differs in centroids_sha, emb\b"):
+        _run(root2, cpath, out)
+    assert _snapshot(out) == before
+    assert _run(root2, cpath, out, "--overwrite") == 0
+    for sh in store.open_emb(root2).shards:
+        x = store.read_rows(sh, 0, sh.n)
+        top = np.argsort(-(x @ cent2.T), axis=1, kind="stable")[:, :5]
+        np.testing.assert_array_equal(np.load(out / f"{sh.name}.labels.npy")[:, 0], top[:, 0])
+
+
+def test_centres_from_other_weights_refused(setup, tmp_path):
+    """Centres clustered from embeddings of other weights under the same embedder spec."""
+    root, cpath, _, _ = setup
+    meta = json.load(open(root / "meta.json"))
+    atomic_save_json(root / "meta.json", {**meta, "embedder_info": {"spec": "test:mixture", "weights_sha": "aa"}})
+    atomic_save_json(cpath.parent / "meta.json", {"k": 40, "embedder": "test:mixture",
+                                                  "embedder_info": {"spec": "test:mixture", "weights_sha": "bb"}})
+    with pytest.raises(MLCDError, match=r"emb/meta\.json: embeddings made with other weights \(weights_sha aa\)"):
+        _run(root, cpath, tmp_path / "lbl")

@@ -203,3 +203,67 @@ def test_two_ranks_split_shards_and_match_one_process(shards, tmp_path):
             assert s1[k] == pytest.approx(s2[k], abs=2e-3), k
         else:
             assert s1[k] == s2[k], k
+
+
+def test_overwrite_killed_then_rerun_gives_one_model(shards, tmp_path, monkeypatch):
+    """--overwrite with another projection, killed after its first shard: no old shard may count
+    as finished, so the plain rerun embeds the rest with the new projection (not a mix)."""
+    out = tmp_path / "emb"
+    base = ["--shards", str(shards), "--out", str(out), "--model", "pca", "--workers", "1"]
+    assert embed.main(base + ["--dim", "4", "--image-size", "8"]) == 0
+    real, calls = store.write_shard, []
+
+    def killed_on_second(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(store, "write_shard", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        embed.main(base + ["--dim", "4", "--image-size", "12", "--overwrite"])
+    monkeypatch.undo()
+    assert [n for n in ("shard-000001", "shard-000002") if store.shard_done(out, n)] == []
+    assert embed.main(base + ["--dim", "4", "--image-size", "12"]) == 0
+    _check_against(out, shards, get_embedder(f"pca:{out / 'pca.npz'}"))
+
+
+def test_same_spec_other_weights_refused(shards, tmp_path):
+    """The spec names the architecture only: a resume with another --pretrained file is refused."""
+    import open_clip
+
+    cfg = tmp_path / "tiny-clip3.json"
+    cfg.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(cfg))
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpts.append(tmp_path / f"w{seed}.pt")
+        torch.save(open_clip.create_model("tiny-clip3").state_dict(), ckpts[-1])
+    out = tmp_path / "emb"
+    base = ["--shards", str(shards), "--out", str(out), "--model", f"open_clip:{cfg}", "--workers", "0"]
+    assert embed.main(base + ["--pretrained", str(ckpts[0])]) == 0
+    os.unlink(out / "shard-000002.keys.npy")  # as if killed before the last shard
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(MLCDError, match=r"emb/meta\.json: .* another model under the same spec .*differs in "
+                                        r"pretrained, weights_sha"):
+        embed.main(base + ["--pretrained", str(ckpts[1])])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert embed.main(base + ["--pretrained", str(ckpts[0])]) == 0  # the same weights resume
+
+
+def test_duplicate_shard_names_refused(tmp_path):
+    a = make_random_shards(tmp_path / "a", n=8, shard_size=8, seed=1)
+    b = make_random_shards(tmp_path / "b", n=8, shard_size=8, seed=2)
+    with pytest.raises(MLCDError, match=r"b/random_shards/shard-000000\.tar: shard name shard-000000 also names "):
+        embed.main(["--shards", f"{tmp_path}/{{a,b}}/random_shards", "--out", str(tmp_path / "emb"),
+                    "--model", "pca", "--dim", "4", "--image-size", "8", "--workers", "0"])
+    assert a.exists() and b.exists() and not (tmp_path / "emb").exists()
+
+
+def test_redone_shard_without_classes_drops_old_classes(tmp_path):
+    x = np.eye(3, 4, dtype=np.float32)
+    store.write_shard(tmp_path, "s", x, ["a", "b", "c"], np.array([0, 1, 2]))
+    assert (tmp_path / "s.cls.npy").exists()
+    store.write_shard(tmp_path, "s", x, ["a", "b", "c"])
+    assert not (tmp_path / "s.cls.npy").exists()

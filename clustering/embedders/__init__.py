@@ -62,6 +62,19 @@ class Embedder:
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim}
 
+    #: the file (or model folder) the weights come from; None when there is none (a tag)
+    weights_path: str | None = None
+
+    def identity(self) -> dict:
+        """describe() plus a content fingerprint of the weights: what EMB/meta.json records,
+        so a rerun into the same folder refuses to mix rows of two models under one spec
+        (another --pretrained file, a run folder whose newest checkpoint moved on, a refit)."""
+        from clustering.store import file_fingerprint
+
+        ident = dict(self.describe())
+        ident["weights_sha"] = file_fingerprint(self.weights_path) if self.weights_path else None
+        return ident
+
 
 def clip_transform(image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
     """Resize (shorter side, bicubic), centre crop, to tensor, normalise: CLIP's eval transform."""

@@ -65,5 +65,9 @@ class HFEmbedder(Embedder):
             return out.image_embeds
         return out.pooler_output
 
+    @property
+    def weights_path(self):
+        return self.spec[len("hf:"):]
+
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim, "class": self.kind}

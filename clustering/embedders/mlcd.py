@@ -30,5 +30,9 @@ class MLCDEmbedder(Embedder):
     def forward(self, pixels):
         return self.model(pixels)
 
+    @property
+    def weights_path(self):
+        return self.source
+
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim, "checkpoint": self.source}

@@ -41,5 +41,9 @@ class OpenClipEmbedder(Embedder):
     def forward(self, pixels):
         return self.model(pixels)
 
+    @property
+    def weights_path(self):
+        return self.pretrained if self.pretrained and os.path.isfile(self.pretrained) else None
+
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim, "pretrained": self.pretrained}

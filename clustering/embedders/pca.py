@@ -90,6 +90,10 @@ class PCAEmbedder(Embedder):
         x = pixels.reshape(len(pixels), -1).float().cpu()
         return (x - self.mean) @ self.w.T
 
+    @property
+    def weights_path(self):
+        return self.projection
+
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim, "image_size": self.image_size, "projection": self.projection}
 
