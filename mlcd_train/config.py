@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -362,11 +363,21 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
     _need(lo.l >= 1, "loss.l", f"must be at least 1, got {lo.l}")
     _need(lo.margin_type in ("arc", "cos"), "loss.margin_type",
           f"must be arc or cos, got {lo.margin_type!r}")
+    _need(lo.scale > 0, "loss.scale", f"must be positive, got {lo.scale}")
+    _need(0 <= lo.margin < (math.pi / 2 if lo.margin_type == "arc" else 1.0), "loss.margin",
+          f"must be in [0, {'pi/2' if lo.margin_type == 'arc' else '1'}) for margin_type={lo.margin_type}, "
+          f"got {lo.margin}")
     _need(o.name in OPTIM_NAMES, "optim.name", f"must be one of {', '.join(OPTIM_NAMES)}, got {o.name!r}")
     _need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _need(o.schedule in ("cosine", "constant"), "optim.schedule", f"must be cosine or constant, got {o.schedule!r}")
-    _need(len(o.betas) == 2, "optim.betas", f"expected two numbers, got {o.betas!r}")
+    _need(o.pfc_lr is None or o.pfc_lr > 0, "optim.pfc_lr", f"must be positive, got {o.pfc_lr}")
+    _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _need(o.pfc_weight_decay is None or o.pfc_weight_decay >= 0, "optim.pfc_weight_decay",
+          f"must be >= 0, got {o.pfc_weight_decay}")
+    _need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+          f"expected two numbers in [0, 1), got {o.betas!r}")
     _need(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables clipping)")
     _need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _need(0.0 <= d.max_corrupt_fraction <= 1.0, "data.max_corrupt_fraction", "must be in [0, 1]")

@@ -290,6 +290,14 @@ class Trainer:
         p = Path(r)
         if not (p / "meta.json").is_file():
             raise MLCDError(f"config key 'resume': {p} is not a complete checkpoint folder (no meta.json)")
+        step = int(ck.read_meta(p)["step"])
+        later = [q.name for s, q in ck.list_checkpoints(self.ckdir) if s > step]
+        if later:
+            # they would outlive this run's own checkpoints (pruning keeps the highest steps) and
+            # a later resume=auto would continue from them: two runs mixed in one folder
+            raise MLCDError(f"config key 'resume': {self.ckdir} holds checkpoints past step {step} of {p} "
+                            f"({', '.join(later)}); move them away to branch from {p.name}, or use "
+                            f"another output_dir")
         return p
 
     def _load(self, folder: Path) -> dict:
@@ -320,8 +328,11 @@ class Trainer:
             return
         if info.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            # a folder of an earlier run at this step: mark it incomplete before replacing its files
+            # a folder of an earlier run at this step: mark it incomplete before replacing its
+            # files, and drop its PFC shards (one of more ranks would outlive this save)
             (folder / "meta.json").unlink(missing_ok=True)
+            for old in folder.glob(P.shard_file_name("*")):
+                old.unlink(missing_ok=True)
         barrier()
         P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
         rngs = gather_objects(ck.rng_state(), info)
@@ -417,7 +428,7 @@ class Trainer:
         bar = progress(total=total, initial=start, desc="train", unit="step", rank=info.rank,
                        disable=True if self.lines else None)
         win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
-        win_loss, win_norm = 0.0, 0.0
+        win_loss, win_norm, win_good = 0.0, 0.0, 0  # sums over the window's finite steps
         step = start
         while step < total:
             t0 = time.perf_counter()
@@ -445,6 +456,7 @@ class Trainer:
                 nonfinite_run = 0
                 win_loss += loss_v
                 win_norm += gnorm_v
+                win_good += 1
             else:
                 self.skipped += 1
                 nonfinite_run += 1
@@ -461,8 +473,9 @@ class Trainer:
             stopping = agree_stop(stop.signum != 0, info)
             if step % cfg.train.log_every == 0 or step == total or stopping:
                 self._log(log, bar, step, total, factor, win_t0, win_wait, win_steps, win_loss, win_norm,
-                          nonfinite_run)
-                win_t0, win_wait, win_steps, win_loss, win_norm = time.perf_counter(), 0.0, 0, 0.0, 0.0
+                          win_good)
+                win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
+                win_loss, win_norm, win_good = 0.0, 0.0, 0
             if stopping or step % cfg.train.save_every == 0 or step == total:
                 self._save(step)
                 win_t0 = time.perf_counter()  # img/s measures training, not saving
@@ -477,10 +490,14 @@ class Trainer:
             print(f"mlcd train: done, {total} steps; checkpoints in {self.ckdir}", file=sys.stderr)
         return 0
 
-    def _log(self, log, bar, step, total, factor, t0, wait, nsteps, loss_sum, norm_sum, nonfinite_run):
+    def _log(self, log, bar, step, total, factor, t0, wait, nsteps, loss_sum, norm_sum, good):
+        """One log record; loss and grad norm are means over the ``good`` (finite, applied) steps
+        of the window, NaN when it had none."""
         cfg, info = self.cfg, self.info
         dt = max(time.perf_counter() - t0, 1e-9)
-        good = max(1, nsteps - min(nsteps, nonfinite_run))
+        if good == 0:
+            loss_sum = norm_sum = float("nan")
+        good = max(1, good)
         corrupt = sum(c for c, _ in self.worker_stats.values())
         loss_m, norm_m, wait, corrupt = all_sum([loss_sum / good, norm_sum / good, wait / dt, float(corrupt)], info)
         ws = info.world_size

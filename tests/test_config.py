@@ -91,6 +91,18 @@ def test_validation_messages_name_the_key():
     assert real.loss.num_classes == 64            # read from the label metadata
 
 
+@pytest.mark.parametrize("key,value", [
+    ("optim.pfc_lr", -0.001), ("optim.min_lr_ratio", -0.5), ("optim.min_lr_ratio", 1.5),
+    ("loss.scale", -64), ("loss.scale", 0), ("loss.margin", 4.0), ("loss.margin", -0.1),
+    ("optim.betas", "[1.5, 0.9]"), ("optim.weight_decay", -1), ("optim.pfc_weight_decay", -1)])
+def test_out_of_range_values_name_the_key(key, value):
+    """A negative floor would drive the learning rate below 0 at the end of the schedule; a
+    margin past pi/2 turns cos(theta + m) upside down: all refused before any step."""
+    C.validate(_ok())
+    with pytest.raises(MLCDError, match=f"'{key}'"):
+        C.validate(_ok(**{key: value}))
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = C.build_config("fashion_mnist_tiny", ["train.steps=11", "model.overrides={width: 48}"])
     C.save_config(cfg, tmp_path / "config.yaml")

@@ -338,3 +338,31 @@ def test_resume_none_refuses_to_overwrite_a_run(tmp_path):
     with pytest.raises(MLCDError, match="'resume'.*step_00000002"):
         train.main(_synthetic(out, "train.steps=3", "resume=none"))
     assert (out / "config.yaml").read_text() == before
+
+
+def test_resume_path_with_later_checkpoints_refused(tmp_path):
+    """resume=PATH into a folder holding later checkpoints would leave them to outlive (and be
+    resumed instead of) the new run's own: refused, nothing removed."""
+    out = tmp_path / "branch"
+    assert train.main(_synthetic(out, "train.steps=3", "train.save_every=1", "train.keep_last=5")) == 0
+    before = [s for s, _ in list_checkpoints(out / "checkpoints")]
+    with pytest.raises(MLCDError, match=r"'resume'.*past step 1 .*step_00000002, step_00000003"):
+        train.main(_synthetic(out, "train.steps=5", f"resume={out / 'checkpoints' / 'step_00000001'}"))
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == before == [1, 2, 3]
+
+
+def test_logged_means_count_only_applied_steps(tmp_path, monkeypatch):
+    """A log window of 4 steps, the middle two skipped as non-finite: the logged grad norm is
+    the mean over the two applied steps, not their sum over 4."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def norm(params, max_norm):
+        real(params, max_norm)
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) in (2, 3) else 1.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", norm)
+    out = tmp_path / "skip"
+    assert train.main(_synthetic(out, "train.steps=4", "train.log_every=4", "train.max_nonfinite_steps=5")) == 0
+    (row,) = metrics(out)
+    assert row["skipped_steps"] == 2 and row["grad_norm"] == pytest.approx(1.0)
