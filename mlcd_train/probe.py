@@ -13,19 +13,20 @@ Two standard ways to judge a representation without fine-tuning it:
 The command embeds a train and a test shard folder (shards with ground-truth ``cls``)
 with any embedder of the clustering registry (``pca``, ``open_clip:NAME``, ``hf:PATH``,
 ``mlcd:PATH``), caches the features under ``OUT/features/<embedder-slug>/<split>.npy``
-(reused when present), prints top-1 accuracies and writes ``OUT/probe.json``.
+(reused while the split's shard files -- paths, sizes, mtimes -- are those recorded in
+``embedder.json``), prints top-1 accuracies and writes ``OUT/probe.json``.  When both shard
+folders hold a ``classes.json``, test class ids are mapped to the training split's by name.
 
 The core functions (:func:`linear_probe`, :func:`knn_classify`) work on in-memory arrays.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import os
 import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -216,28 +217,59 @@ def _load_emb(emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _shards_key(shards: str) -> dict:
+    """What the cached features of a split depend on: its shard files (resolved paths, sizes, mtimes)."""
+    from mlcd_train.data.reader import list_shards
+
+    files = []
+    for path in list_shards(shards):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise MLCDError(f"{path}: cannot read shard ({exc.strerror or exc})") from None
+        files.append([path, st.st_size, st.st_mtime_ns])
+    return {"shards": os.path.abspath(shards), "files": files}
+
+
 def features_for(spec: str, train_shards: str, test_shards: str, out: str, args) -> tuple[str, dict]:
-    """Embed both splits (cached) -> (feature folder, {split: (x, y)})."""
+    """Embed both splits (cached) -> (feature folder, {split: (x, y)}).
+
+    ``embedder.json`` records, per split, the key of the shards its features (and its
+    ``emb_<split>`` folder) come from; it is written before embedding, once the folder of
+    another key is cleared, so features are reused only for the very shards they were made of."""
+    import shutil
+
     from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
 
     spec = _canonical_spec(spec)
     fdir = os.path.join(out, "features", embedder_slug(spec))
     os.makedirs(fdir, exist_ok=True)
     info_path = os.path.join(fdir, "embedder.json")
-    if os.path.exists(info_path) and not args.overwrite_features:
+    info = {"spec": spec}
+    if os.path.exists(info_path):
         old = load_json(info_path)
-        if old.get("spec") != spec:
+        if old.get("spec") != spec and not args.overwrite_features:
             raise MLCDError(f"{info_path}: cached features of {old.get('spec')!r}, not {spec!r}")
-    atomic_save_json(info_path, {"spec": spec, "train": os.path.abspath(train_shards),
-                                 "test": os.path.abspath(test_shards)})
+        if old.get("spec") == spec:
+            info.update(old)
+    keys = {"train": _shards_key(train_shards), "test": _shards_key(test_shards)}
+    if spec == "pca":  # test features use the projection fitted on the training split
+        keys["test"]["fitted_on"] = keys["train"]
     data = {}
     for split, shards in (("train", train_shards), ("test", test_shards)):
         xp, yp = os.path.join(fdir, f"{split}.npy"), os.path.join(fdir, f"{split}.cls.npy")
-        if os.path.exists(xp) and os.path.exists(yp) and not args.overwrite_features:
+        emb_dir = os.path.join(fdir, f"emb_{split}")
+        if info.get(split) != keys[split]:  # features of other shards (or none): clear, then record
+            for f in (xp, yp):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
+            shutil.rmtree(emb_dir, ignore_errors=True)
+            info[split] = keys[split]
+            atomic_save_json(info_path, info)
+        elif os.path.exists(xp) and os.path.exists(yp) and not args.overwrite_features:
             print(f"mlcd probe: {split} features cached in {xp}", file=sys.stderr)
             data[split] = (np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False))
             continue
-        emb_dir = os.path.join(fdir, f"emb_{split}")
         split_spec = spec
         if spec == "pca" and split == "test":  # the projection fitted on the training split
             split_spec = "pca:" + os.path.join(fdir, "emb_train", "pca.npz")
@@ -247,6 +279,42 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
         atomic_save_npy(yp, y.astype(np.int64))
         data[split] = (x, y)
     return fdir, data
+
+
+def _classes_file(shards: str) -> str | None:
+    """The ``classes.json`` of a shard folder (or of the folder of a shard file); None when absent."""
+    folder = shards if os.path.isdir(shards) else os.path.dirname(os.path.abspath(shards))
+    path = os.path.join(folder, "classes.json")
+    return path if os.path.isfile(path) else None
+
+
+def _names(path: str) -> dict:
+    from mlcd_train.utils.io import load_json
+
+    data = load_json(path)
+    try:
+        return {int(k): str(v) for k, v in data.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise MLCDError(f"{path}: expected a classes.json ({{\"0\": \"name\", ...}})") from None
+
+
+def align_test_classes(train_shards: str, test_shards: str, y_test: np.ndarray) -> np.ndarray:
+    """Test class ids renumbered as the training split's, by name, when both folders have a
+    ``classes.json`` (each ``mlcd shards`` input numbers its own classes); else unchanged."""
+    train_file, test_file = _classes_file(train_shards), _classes_file(test_shards)
+    if train_file is None or test_file is None:
+        return y_test
+    train_ids = {name: i for i, name in _names(train_file).items()}
+    test_names = _names(test_file)
+    mapping = {}
+    for c in np.unique(y_test).tolist():
+        if c not in test_names:
+            raise MLCDError(f"{test_file}: has no name for class id {c} of the test shards")
+        if test_names[c] not in train_ids:
+            raise MLCDError(f"{test_file}: class {test_names[c]!r} is not in {train_file}; the probe "
+                            "cannot score a class it was not trained on")
+        mapping[c] = train_ids[test_names[c]]
+    return np.array([mapping[c] for c in y_test.tolist()], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -290,6 +358,7 @@ def run_probe(args) -> dict:
     t0 = time.perf_counter()
     fdir, data = features_for(args.embedder, args.train, args.test, args.out, args)
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    yte = align_test_classes(args.train, args.test, yte)
     if xtr.shape[1] != xte.shape[1]:
         raise MLCDError(f"{fdir}: train features have dim {xtr.shape[1]}, test {xte.shape[1]}")
     t_feat = time.perf_counter() - t0

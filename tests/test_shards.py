@@ -216,3 +216,103 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, monkeypatch):
     assert shards.main(args + ["--out", str(run)]) == 0
     assert len(calls) == 8  # only the inputs after the two complete shards were read again
     assert _hash_dir(run) == _hash_dir(tmp_path / "clean")
+
+
+def test_interrupted_overwrite_leaves_no_stale_metadata_or_shards(tmp_path, monkeypatch):
+    labelled = make_image_folder(tmp_path / "a", n=6, size=8, num_classes=2)
+    unlabelled = tmp_path / "b"
+    unlabelled.mkdir()
+    for i in range(6):  # top-level images: no class, so no classes.json
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(unlabelled / f"b{i}.png")
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--shard-size", "2", "--order", "sorted"]
+    assert shards.main(["--input", str(labelled)] + args) == 0
+    assert {"sizes.json", "skipped.json", "classes.json", "shard-000002.tar"} <= {p.name for p in out.iterdir()}
+
+    real_check, calls = shards.check_image, []
+
+    def dying_check(data):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed after the first new shard
+        return real_check(data)
+
+    monkeypatch.setattr(shards, "check_image", dying_check)
+    with pytest.raises(KeyboardInterrupt):
+        shards.main(["--input", str(unlabelled), "--overwrite"] + args)
+    # nothing of the first run is left to pass for a complete folder or to mix with the new shards
+    assert sorted(p.name for p in out.iterdir()) == [".shards-progress.json", "shard-000000.tar"]
+    monkeypatch.setattr(shards, "check_image", real_check)
+    assert shards.main(["--input", str(unlabelled)] + args) == 0  # resumes
+    assert not (out / "classes.json").exists()
+    assert sorted(s.key for s in ShardDataset(out)) == [f"b{i}" for i in range(6)]
+
+
+def test_a_file_that_crashes_the_decoder_is_skipped(tmp_path):
+    import struct
+
+    src = make_image_folder(tmp_path / "src", n=2, size=8, num_classes=1)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (n,) = struct.unpack_from("<H", data, ifd)
+    for i in range(n):  # StripOffsets typed ASCII: Pillow raises TypeError while loading
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 273:
+            struct.pack_into("<H", data, entry + 2, 2)
+    (src / "class_0" / "bad.tif").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert shards.main(["--input", str(src), "--out", str(out)]) == 0
+    [skip] = json.loads((out / "skipped.json").read_text())
+    assert skip["path"].endswith("bad.tif") and "TypeError" in skip["reason"]
+    assert sorted(s.key for s in ShardDataset(out)) == ["class_0/img_00000", "class_0/img_00001"]
+
+
+def test_classes_file_gives_every_split_the_training_ids(tmp_path):
+    for split, names in (("train", ["cat", "dog", "fish"]), ("test", ["cat", "fish"])):
+        for c in names:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), "red").save(tmp_path / split / c / f"{c}.png")
+    assert shards.main(["--input", str(tmp_path / "train"), "--out", str(tmp_path / "tr")]) == 0
+    classes = tmp_path / "tr" / "classes.json"
+    assert shards.main(["--input", str(tmp_path / "test"), "--out", str(tmp_path / "te"),
+                        "--classes", str(classes)]) == 0
+    assert {s.key: s.cls for s in ShardDataset(tmp_path / "te")} == {"cat/cat": 0, "fish/fish": 2}
+    assert (tmp_path / "te" / "classes.json").read_text() == classes.read_text()
+    lst = tmp_path / "list.txt"  # list files too
+    lst.write_text("test/fish/fish.png\tfish\n")
+    assert shards.main(["--input", str(lst), "--out", str(tmp_path / "li"), "--classes", str(classes)]) == 0
+    assert [s.cls for s in ShardDataset(tmp_path / "li")] == [2]
+    (tmp_path / "test" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "bird" / "b.png")
+    with pytest.raises(MLCDError, match=r"tr/classes.json: has no class 'bird'"):
+        shards.main(["--input", str(tmp_path / "test"), "--out", str(tmp_path / "te2"), "--classes", str(classes)])
+
+
+def test_symlinked_class_folder_is_read_and_a_link_loop_reported(tmp_path):
+    src = tmp_path / "in"
+    (src / "cat").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (4, 4)).save(src / "cat" / "c.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "elsewhere" / "d.png")
+    os.symlink(tmp_path / "elsewhere", src / "dog")
+    os.symlink(src, src / "cat" / "loop")  # back to the top: read once only
+    out = tmp_path / "out"
+    assert shards.main(["--input", str(src), "--out", str(out)]) == 0
+    assert {s.key: s.cls for s in ShardDataset(out)} == {"cat/c": 0, "dog/d": 1}
+    assert json.loads((out / "classes.json").read_text()) == {"0": "cat", "1": "dog"}
+    [skip] = json.loads((out / "skipped.json").read_text())
+    assert skip["path"] == str(src / "cat" / "loop") and "already read" in skip["reason"]
+
+
+def test_idx_with_one_channel_converts_and_odd_channel_counts_are_refused(tmp_path):
+    images = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4, 1)
+    path = tmp_path / "c1-images-idx3-ubyte"
+    path.write_bytes(shards.idx_bytes(images, compress=False))
+    assert shards.main(["--input", str(path), "--out", str(tmp_path / "o"), "--order", "sorted"]) == 0
+    got = list(ShardDataset(tmp_path / "o"))
+    assert len(got) == 3 and np.array_equal(np.asarray(got[1].image)[:, :, 0], images[1, :, :, 0])
+    path.write_bytes(shards.idx_bytes(np.zeros((2, 4, 4, 2), np.uint8), compress=False))
+    with pytest.raises(MLCDError, match="c1-images-idx3-ubyte: 2 channels"):
+        shards.main(["--input", str(path), "--out", str(tmp_path / "o2")])

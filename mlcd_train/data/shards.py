@@ -4,17 +4,22 @@ Sources (``--format auto`` guesses from ``--input``):
 
 - ``folder``: an image folder, read recursively.  An image inside a first-level subfolder
   gets that subfolder's name as its ground-truth class (evaluation only); images at the top
-  level have no class.  Hidden files and folders (``.name``) are ignored.
+  level have no class.  Hidden files and folders (``.name``) are ignored.  Symbolic links to
+  folders are followed; a folder reached a second time (a link loop) is skipped and reported.
 - ``idx``: an MNIST / Fashion-MNIST IDX images file (``.gz`` or raw).  Its labels file is
   found beside it by name (``train-images-idx3-ubyte.gz`` -> ``train-labels-idx1-ubyte.gz``);
-  a ``classes.json`` (``{"0": "name", ...}``) beside it gives class names.  Pixels are stored
-  as PNG.
+  a ``classes.json`` (``{"0": "name", ...}``) beside it gives class names.  Pixels ([n, h, w]
+  or [n, h, w, c] with c = 1, 3 or 4) are stored as PNG.
 - ``list``: a text file with ``path`` or ``path<TAB>class`` per line (relative paths are
   relative to the list file; blank lines and ``#`` comments are ignored).  Classes that are
   all integers are used as ids; otherwise names are numbered in sorted order.
 - ``sample`` / ``sample:test``: the shipped Fashion-MNIST sample (train / test split);
   ``fashion-mnist`` / ``fashion-mnist:test``: the full set of the Debian package
   ``dataset-fashion-mnist``.
+
+Each input numbers its own class names, so a split lacking a class gets other ids: ``--classes
+PATH`` numbers them by a ``classes.json`` of another split (e.g. the training split's output);
+a class not in that file is an error.
 
 Output in ``--out DIR`` (see docs/architecture.md, "Shards"):
 
@@ -165,6 +170,12 @@ def _idx_items(images_path: Path, class_names: Optional[dict] = None) -> tuple[l
     if images.ndim not in (3, 4) or images.dtype != np.uint8:
         raise MLCDError(f"{images_path}: expected unsigned-byte images [n, h, w] or [n, h, w, c], "
                         f"got {images.dtype} {images.shape}")
+    if images.ndim == 4:
+        if images.shape[3] == 1:
+            images = images[..., 0]  # grey: PIL has no [h, w, 1] mode
+        elif images.shape[3] not in (3, 4):
+            raise MLCDError(f"{images_path}: {images.shape[3]} channels per pixel in {images.shape}; "
+                            "expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     labels_path = idx_labels_path(images_path)
     labels = None
     if labels_path is not None:
@@ -230,11 +241,47 @@ def _unique_keys(raw: list[str]) -> list[str]:
     return out
 
 
-def _folder_items(root: Path, skipped: list) -> tuple[list[Item], Optional[dict]]:
+def load_classes(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(path, {id: name}) from a ``classes.json`` (``{"0": "name", ...}``) given with ``--classes``."""
+    path = Path(path).expanduser()
+    data = load_json(path)
+    if (not isinstance(data, dict) or not data
+            or not all(re.fullmatch(r"-?\d+", str(k)) and isinstance(v, str) for k, v in data.items())):
+        raise MLCDError(f"{path}: expected a classes.json ({{\"0\": \"name\", ...}}, written by mlcd shards)")
+    names = {int(k): v for k, v in data.items()}
+    if len(set(names.values())) != len(names):
+        raise MLCDError(f"{path}: a class name appears twice")
+    return path, names
+
+
+def _given_id(given: tuple[Path, dict], name: str, where: Path) -> int:
+    """The id of class ``name`` in the ``--classes`` file; an unknown name is an MLCDError."""
+    path, names = given
+    for i, n in names.items():
+        if n == name:
+            return i
+    raise MLCDError(f"{path}: has no class {name!r} (found in {where}); the --classes file must list "
+                    "every class of the input")
+
+
+def _folder_items(root: Path, skipped: list, given: Optional[tuple[Path, dict]] = None
+                  ) -> tuple[list[Item], Optional[dict]]:
     files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: skipped.append(
+    # symlinked folders are followed; a folder already read (a link loop or a second link to
+    # it) is skipped and reported, so no image is read twice under two keys
+    seen = {os.path.realpath(root): str(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=lambda e: skipped.append(
             {"path": str(e.filename), "reason": f"unreadable folder ({e.strerror})"})):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, d)
+            real = os.path.realpath(path)
+            if real in seen:
+                skipped.append({"path": path, "reason": f"folder already read as {seen[real]} (symbolic link)"})
+            else:
+                seen[real] = path
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if not name.startswith("."):
                 files.append(Path(dirpath) / name)
@@ -247,16 +294,21 @@ def _folder_items(root: Path, skipped: list) -> tuple[list[Item], Optional[dict]
             skipped.append({"path": str(p), "reason": "not an image file extension"})
     rels = [p.relative_to(root) for p in images]
     class_dirs = sorted({r.parts[0] for r in rels if len(r.parts) > 1})
-    class_ids = {name: i for i, name in enumerate(class_dirs)}
+    if given is not None:
+        class_ids = {name: _given_id(given, name, root / name) for name in class_dirs}
+        names = given[1]
+    else:
+        class_ids = {name: i for i, name in enumerate(class_dirs)}
+        names = {i: n for n, i in class_ids.items()} if class_ids else None
     keys = _unique_keys([_sanitize(r.with_suffix("").as_posix()) for r in rels])
     items = [Item(key=k, cls=class_ids[r.parts[0]] if len(r.parts) > 1 else None, source=str(p),
                   load=_file_loader(p), stamp=_stamp(p))
              for k, r, p in zip(keys, rels, images)]
-    names = {i: n for n, i in class_ids.items()} if class_ids else None
     return items, names
 
 
-def _list_items(list_path: Path, skipped: list) -> tuple[list[Item], Optional[dict]]:
+def _list_items(list_path: Path, skipped: list, given: Optional[tuple[Path, dict]] = None
+                ) -> tuple[list[Item], Optional[dict]]:
     try:
         text = list_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -273,12 +325,20 @@ def _list_items(list_path: Path, skipped: list) -> tuple[list[Item], Optional[di
         if not p.is_absolute():
             p = list_path.parent / p
         entries.append((p, parts[1].strip() if len(parts) == 2 and parts[1].strip() else None))
-    given = [c for _, c in entries if c is not None]
+    classes = [c for _, c in entries if c is not None]
     names = None
-    if given and all(re.fullmatch(r"-?\d+", c) for c in given):
-        to_id = {c: int(c) for c in given}
+    if classes and all(re.fullmatch(r"-?\d+", c) for c in classes):
+        to_id = {c: int(c) for c in classes}
+        if given is not None:  # ids as they are; --classes names them
+            for c in classes:
+                if int(c) not in given[1]:
+                    raise MLCDError(f"{given[0]}: has no class id {c} (used in {list_path})")
+            names = given[1]
+    elif given is not None:
+        to_id = {c: _given_id(given, c, list_path) for c in set(classes)}
+        names = given[1]
     else:
-        ordered = sorted(set(given))
+        ordered = sorted(set(classes))
         to_id = {c: i for i, c in enumerate(ordered)}
         names = {i: c for c, i in to_id.items()} if ordered else None
     raw_keys = []
@@ -326,6 +386,8 @@ def check_image(data: bytes) -> str:
             raise _Skip("not an image (unidentified format)") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise _Skip(f"corrupt or truncated image ({exc})") from None
+        except Exception as exc:  # e.g. a TypeError from a malformed TIFF tag: one bad file is never fatal
+            raise _Skip(f"corrupt image ({type(exc).__name__}: {exc})") from None
     return fmt
 
 
@@ -359,12 +421,14 @@ def resolve_input(spec: str, fmt: str) -> tuple[str, Path, Optional[dict]]:
     return fmt, path.resolve(), None
 
 
-def collect_items(fmt: str, path: Path, names: Optional[dict], skipped: list) -> tuple[list[Item], Optional[dict]]:
+def collect_items(fmt: str, path: Path, names: Optional[dict], skipped: list,
+                  given: Optional[tuple[Path, dict]] = None) -> tuple[list[Item], Optional[dict]]:
+    """Items and class names; ``given`` = ``load_classes(--classes)`` numbers the classes."""
     if fmt == "idx":
-        return _idx_items(path, names)
+        return _idx_items(path, given[1] if given is not None else names)
     if fmt == "folder":
-        return _folder_items(path, skipped)
-    return _list_items(path, skipped)
+        return _folder_items(path, skipped, given)
+    return _list_items(path, skipped, given)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -436,14 +500,23 @@ def _signature(args, fmt: str, path: Path, items: list[Item]) -> str:
     return h.hexdigest()
 
 
+def _remove_old_shards(out: Path, prefix: str, keep: set) -> None:
+    """Delete PREFIX-NNNNNN.tar shards not in ``keep`` (those of an earlier run, --overwrite)."""
+    for old in out.glob(f"{prefix}-*.tar"):
+        if old.name not in keep and re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", old.name):
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
+
 def write_shards(args) -> dict:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     out = Path(args.out)
     fmt, path, names = resolve_input(args.input, args.format)
+    given = load_classes(args.classes) if getattr(args, "classes", None) else None
     listing_skipped: list[dict] = []
-    items, names = collect_items(fmt, path, names, listing_skipped)
+    items, names = collect_items(fmt, path, names, listing_skipped, given)
     if not items:
         raise MLCDError(f"{path}: no image files found" + (
             f" ({len(listing_skipped)} other files, e.g. {listing_skipped[0]['path']})" if listing_skipped else ""))
@@ -467,6 +540,19 @@ def write_shards(args) -> dict:
                         "pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)
+    cleared = False
+
+    def clear_earlier_run():
+        # before the first shard is written: the earlier run's metadata, sizes.json first (it
+        # marks a complete folder), and its other shards, so that an interrupted --overwrite
+        # never leaves a folder that looks complete or mixes two runs
+        nonlocal cleared
+        if not cleared:
+            for meta in ("sizes.json", "skipped.json", "classes.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    (out / meta).unlink()
+            _remove_old_shards(out, args.prefix, {d["name"] for d in done})
+            cleared = True
 
     pending_skips: list[dict] = []
     consumed = start
@@ -494,6 +580,7 @@ def write_shards(args) -> dict:
                 sample["cls"] = str(item.cls).encode("ascii")
             # the item is counted as consumed before the write so that a shard closed by
             # this write records the inputs it holds, not this one
+            clear_earlier_run()
             sink.write(sample, len(data) + 1024)
             consumed += 1
         sink.close()
@@ -509,10 +596,7 @@ def write_shards(args) -> dict:
         raise MLCDError(f"{path}: no valid image among {len(items)} inputs ({reasons}"
                         + (", ..." if len(skipped) > 5 else "") + ")")
 
-    new_names = {d["name"] for d in done}
-    for old in out.glob(f"{args.prefix}-*.tar"):
-        if old.name not in new_names and re.fullmatch(re.escape(args.prefix) + r"-\d{6}\.tar", old.name):
-            old.unlink()  # a shard of an earlier, larger run (--overwrite)
+    clear_earlier_run()
     atomic_save_json(out / "skipped.json", skipped)
     if names:
         atomic_save_json(out / "classes.json", {str(k): v for k, v in sorted(names.items())})
@@ -546,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"skip images with more than P pixels (PIL.Image.MAX_IMAGE_PIXELS; default "
                          f"{DEFAULT_MAX_IMAGE_PIXELS}, 0 = no bound)")
     ap.add_argument("--overwrite", action="store_true", help="replace the shards already in DIR")
+    ap.add_argument("--classes", default=None, metavar="PATH",
+                    help="number classes by this classes.json (e.g. the training split's), so that every "
+                         "split gets the same ids; a class not in it is an error")
     return ap
 
 
