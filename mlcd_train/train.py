@@ -317,7 +317,18 @@ class Trainer:
         elif info.is_main:
             print(f"mlcd train: resuming a {st['world_size']}-rank checkpoint on {info.world_size} ranks: "
                   "class centres re-split; the data order differs from the original run", file=sys.stderr)
+        changed = [f"{key} {st[key]} -> {now}" for key, now in self._stream_settings().items()
+                   if key in st and st[key] != now]
+        if changed and info.is_main:
+            print(f"mlcd train: resuming {folder} with other data-stream settings ({'; '.join(changed)}): "
+                  "training continues, but not on the stream the original run would have read", file=sys.stderr)
         return st
+
+    def _stream_settings(self) -> dict:
+        """What the position and order of the data stream depend on, besides the step."""
+        d = self.cfg.data
+        return {"batch_per_rank": self.batch, "seed": self.cfg.seed, "num_workers": d.num_workers,
+                "shuffle_buffer": d.shuffle_buffer}
 
     def _save(self, step: int) -> None:
         from mlcd_train import partial_fc as P
@@ -340,7 +351,7 @@ class Trainer:
         self.corrupt_total = self.corrupt_offset + int(all_sum([float(local_corrupt)], info)[0])
         if info.is_main:
             state = {"step": step, "samples_seen": step * self.cfg.train.global_batch_size,
-                     "world_size": info.world_size, "batch_per_rank": self.batch,
+                     "world_size": info.world_size, **self._stream_settings(),
                      "data_batches_consumed": step, "skipped_steps": self.skipped,
                      "corrupt": self.corrupt_total, "rng": rngs,
                      "schedule": {"name": self.cfg.optim.schedule, "warmup_steps": self.cfg.optim.warmup_steps,

@@ -366,3 +366,14 @@ def test_logged_means_count_only_applied_steps(tmp_path, monkeypatch):
     assert train.main(_synthetic(out, "train.steps=4", "train.log_every=4", "train.max_nonfinite_steps=5")) == 0
     (row,) = metrics(out)
     assert row["skipped_steps"] == 2 and row["grad_norm"] == pytest.approx(1.0)
+
+
+def test_resume_with_other_stream_settings_is_reported(tmp_path, capsys):
+    out = tmp_path / "chg"
+    assert train.main(_synthetic(out, "train.steps=2", "seed=3")) == 0
+    capsys.readouterr()
+    assert train.main(_synthetic(out, "train.steps=3", "seed=4", "train.global_batch_size=2")) == 0
+    err = capsys.readouterr().err
+    assert "other data-stream settings (batch_per_rank 4 -> 2; seed 3 -> 4)" in err
+    assert train.main(_synthetic(out, "train.steps=4", "seed=4", "train.global_batch_size=2")) == 0
+    assert "data-stream settings" not in capsys.readouterr().err
