@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=8, help="labels per image, L (paper: 8)")
     p.add_argument("--out", required=True, help="labels folder")
     p.add_argument("--threshold", type=float, default=None,
-                   help="keep only centres with similarity > T (pad -1); the top-1 is always kept")
+                   help="keep only centres with similarity > T, judged on the score as stored (float16) "
+                        "(pad -1); the top-1 is always kept")
     p.add_argument("--approx", action="store_true", help="IVF search over the centres (very large k)")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (default min(k/39, 4 sqrt(k)))")
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (default 16)")
@@ -99,7 +100,8 @@ def load_centroids(path: str) -> tuple[np.ndarray, dict]:
 def apply_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | None):
     if threshold is None:
         return labels, scores
-    drop = scores <= threshold
+    # judged on the score as stored (float16), so that every kept label's stored score is > T
+    drop = scores.astype(np.float16).astype(np.float32) <= threshold
     drop[:, 0] = False
     labels = np.where(drop, -1, labels)
     scores = np.where(drop, -np.inf, scores)

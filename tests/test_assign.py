@@ -90,7 +90,7 @@ def test_threshold_keeps_top1_and_pads(setup, tmp_path):
     lab = np.load(out / f"{sh.name}.labels.npy")
     sc = np.load(out / f"{sh.name}.scores.npy")
     assert (lab[:, 0] >= 0).all()
-    keep = sims > 0.3
+    keep = sims.astype(np.float16).astype(np.float32) > 0.3  # judged as stored
     keep[:, 0] = True
     np.testing.assert_array_equal(lab >= 0, keep)
     assert np.isneginf(sc[~keep]).all()
@@ -472,3 +472,20 @@ def test_centres_from_other_weights_refused(setup, tmp_path):
                                                   "embedder_info": {"spec": "test:mixture", "weights_sha": "bb"}})
     with pytest.raises(MLCDError, match=r"emb/meta\.json: embeddings made with other weights \(weights_sha aa\)"):
         _run(root, cpath, tmp_path / "lbl")
+
+
+def test_threshold_judged_on_the_stored_float16_score(tmp_path):
+    """0.50013 > T = 0.50012 in float32, but it is stored as float16 0.5 <= T: the label is
+    dropped, so no stored score of a kept label (beyond the top-1) is <= T."""
+    root = tmp_path / "emb"
+    store.write_shard(root, "s", np.array([[1.0, 0.0]] * 3, np.float32), ["a", "b", "c"])
+    store.write_meta(root, "test:two", 2, {"s": 3})
+    ang = [0.0, np.arccos(0.50013), np.arccos(0.6), np.arccos(0.3)]
+    cent = np.array([[np.cos(a), np.sin(a)] for a in ang], np.float32)
+    np.save(tmp_path / "c.npy", cent)
+    out = tmp_path / "lbl"
+    assert assign.main(["--emb", str(root), "--centroids", str(tmp_path / "c.npy"), "--topk", "4",
+                        "--threshold", "0.50012", "--out", str(out), "--no-stats"]) == 0
+    labels, scores = np.load(out / "s.labels.npy"), np.load(out / "s.scores.npy")
+    np.testing.assert_array_equal(labels, [[0, 2, -1, -1]] * 3)
+    assert (scores[:, 1:][labels[:, 1:] >= 0] > 0.50012).all()
