@@ -236,3 +236,44 @@ def test_resume_skips_without_decoding(tmp_path, monkeypatch):
     ds.set_resume(12, 4)  # 48 samples: two whole passes (44) and 4 more, all skipped unread
     assert [s.key for s in itertools.islice(iter(ds), 2)] == first[48:50]
     assert len(calls) == 2
+
+
+def test_resampled_stream_of_unreadable_shards_raises_instead_of_spinning(tmp_path):
+    """sizes.json lists records but no shard can be read: an endless stream would pass over
+    them forever (a hung worker); a whole pass without one record is an error naming them."""
+    _make_shards(tmp_path, [3, 4])
+    for t in tmp_path.glob("*.tar"):
+        t.write_bytes(b"\x01" * 4096)
+    with pytest.raises(MLCDError, match=r"no record could be read in a whole pass .*shard-000000, shard-000001"):
+        next(iter(ShardDataset(tmp_path, resampled=True, max_corrupt_fraction=0.01)))
+
+
+def test_sample_of_a_shard_cut_after_its_last_member_is_counted_corrupt(tmp_path):
+    import tarfile
+
+    _make_shards(tmp_path, [5])
+    tar = tmp_path / "shard-000000.tar"
+    with tarfile.open(tar) as tf:
+        last = tf.getmembers()[-1]
+    tar.write_bytes(tar.read_bytes()[: last.offset_data + (last.size + 511) // 512 * 512])  # no end blocks
+    ds = ShardDataset(tmp_path)
+    keys = [s.key for s in ds]
+    assert keys == [f"k0_{j:03d}" for j in range(4)]
+    assert (ds.stats["records"], ds.stats["samples"], ds.stats["corrupt"]) == (5, 4, 1)
+
+
+@pytest.mark.parametrize("consumed", [1, 2, 3, 4])
+def test_resume_of_finite_stream_whose_workers_run_out_unevenly(tmp_path, consumed):
+    """Worker 0 holds 1 batch, worker 1 holds 3: after batch 2 the DataLoader takes every batch
+    from worker 1, so "batch b is worker b % nw's" no longer holds; the resume replays the
+    deal instead (here a batch was duplicated before)."""
+    _make_shards(tmp_path, [4, 12])
+
+    def keys(ds):
+        return [b["key"] for b in DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_samples)]
+
+    full = keys(ShardDataset(tmp_path))
+    assert len(full) == 4
+    ds = ShardDataset(tmp_path)
+    ds.set_resume(consumed, 4)
+    assert keys(ds) == full[consumed:]

@@ -377,3 +377,15 @@ def test_resume_with_other_stream_settings_is_reported(tmp_path, capsys):
     assert "other data-stream settings (batch_per_rank 4 -> 2; seed 3 -> 4)" in err
     assert train.main(_synthetic(out, "train.steps=4", "seed=4", "train.global_batch_size=2")) == 0
     assert "data-stream settings" not in capsys.readouterr().err
+
+
+def test_repeated_key_in_a_label_file_is_an_error(tmp_path):
+    """Labels are joined by key: with key 'a' twice, one sample would silently get the other's row."""
+    from mlcd_train.trainer.data import LabelTable
+
+    np.save(tmp_path / "s.keys.npy", np.asarray(["a", "b", "a"]))
+    np.save(tmp_path / "s.labels.npy", np.asarray([[0], [1], [2]], dtype=np.int32))
+    with pytest.raises(MLCDError, match=r"shard s: key 'a' appears 2 times in .*s\.keys\.npy"):
+        LabelTable(str(tmp_path), 1).get("s", "b")
+    np.save(tmp_path / "s.keys.npy", np.asarray(["a", "b", "c"]))
+    assert LabelTable(str(tmp_path), 1).get("s", "c").tolist() == [2]

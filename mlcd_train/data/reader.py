@@ -33,10 +33,13 @@ records of a worker's stream with a seeded permutation (the raw bytes are buffer
 are decoded only when yielded).
 
 **Exact resume.** ``DataLoader(ds, batch_size=B, num_workers=nw)`` takes batch b from
-worker ``b % nw``.  ``set_resume(batches_consumed, B)`` makes the next iteration yield exactly
-what the uninterrupted iteration would have yielded after ``batches_consumed`` batches: new
-worker w' plays original worker ``(w' + batches_consumed) % nw`` and skips the
-``len(range(w, batches_consumed, nw)) * B`` samples that worker had produced.  Skipping
+worker ``b % nw`` while every worker still has batches, then round-robin over those that
+do.  ``set_resume(batches_consumed, B)`` makes the next iteration yield exactly what the
+uninterrupted iteration would have yielded after ``batches_consumed`` batches: new worker
+w' plays original worker ``(w' + batches_consumed) % nw`` and skips the
+``len(range(w, batches_consumed, nw)) * B`` samples that worker had produced (a finite
+stream whose workers run out at different times is replayed batch by batch instead, with
+the DataLoader's default drop_last=False: :meth:`ShardDataset._resume_point`).  Skipping
 decodes nothing: whole passes and shards are skipped with the counts of ``sizes.json``, the
 rest of the shard by reading tar headers.  It assumes the same world size, num_workers,
 batch size, seed, epoch, shuffle_buffer and shards as the interrupted run, and shards with
@@ -48,6 +51,7 @@ from __future__ import annotations
 import glob
 import io
 import logging
+import math
 import os
 import tarfile
 from collections import Counter
@@ -210,6 +214,9 @@ def _iter_members(path: str, start: int = 0, step: int = 1,
             tf.members = []  # keep memory flat on large shards
 
 
+CUT_SHORT = "__cut_short__"  # member marking the sample a broken shard ended in
+
+
 def iter_records(path: str, start: int = 0, step: int = 1,
                  stats: Optional[dict] = None) -> Iterator[tuple[int, str, dict]]:
     """Yield (index, key, {ext: bytes}) for the samples ``start, start + step, ...`` of a tar.
@@ -233,6 +240,8 @@ def iter_records(path: str, start: int = 0, step: int = 1,
         log.warning("%s: unreadable or truncated after sample %d (%s); rest of shard skipped", path, index, exc)
         if stats is not None:
             stats["corrupt_shards"] += 1
+        if cur is not None:  # the sample being read when the shard broke off: counted as corrupt
+            yield index, cur_key, {CUT_SHORT: b""}
         return
     if cur is not None:
         yield index, cur_key, cur
@@ -242,6 +251,8 @@ def decode_record(members: dict) -> tuple[Any, Optional[int]]:
     """(PIL RGB image, cls) from a record's members; raises CorruptSample."""
     from PIL import Image
 
+    if CUT_SHORT in members:
+        raise CorruptSample("in a shard cut short")
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         raise CorruptSample("no image member")
@@ -392,7 +403,18 @@ class ShardDataset(IterableDataset):
                     return
                 p += 1
                 continue
-            yield from self._pass_records(p, worker, plan, skip)
+            got = 0
+            for rec in self._pass_records(p, worker, plan, skip):
+                got += 1
+                yield rec
+            if got == 0 and skip == 0 and self.resampled:
+                # sizes.json promised records, none could be read: passing again would spin
+                # forever (a hung worker, its rank stuck at the next collective)
+                names = sorted({shard_name(s) for s, _, _ in plan})
+                raise MLCDError(f"{os.path.dirname(plan[0][0]) or '.'}: no record could be read in a whole "
+                                f"pass over this worker's {len(names)} shard(s) ({', '.join(names[:5])}"
+                                f"{', ...' if len(names) > 5 else ''}) although sizes.json lists {total}: "
+                                "unreadable or empty shards")
             skip = 0
             if not self.resampled:
                 return
@@ -438,12 +460,44 @@ class ShardDataset(IterableDataset):
 
     # -- iteration
 
+    def _resume_point(self, new_worker: int, nw: int) -> tuple[int, int]:
+        """(original worker that new worker ``new_worker`` continues, records it skips).
+
+        The DataLoader deals batches round-robin over the workers that still have one, so
+        while none has run out batch b is worker ``b % nw``'s; a finite stream whose workers
+        hold different counts is replayed batch by batch (a worker's last batch may be short:
+        the DataLoader's default drop_last=False)."""
+        B, consumed = self.resume_batch_size, self.resume_batches
+        if not consumed:
+            return new_worker, 0
+        left = []  # batches each original worker yields in the whole stream
+        for w in range(nw):
+            q = self._worker_quota(w, nw)
+            if q is None and self.resampled:
+                left.append(math.inf)
+            else:
+                n = q if q is not None else sum(self._count(e) for e in self._pass_plan(0, w, nw))
+                left.append(-(-n // B))
+        if consumed <= nw * min(left):  # nobody ran out: plain round-robin
+            nxt, taken = consumed % nw, [len(range(w, consumed, nw)) for w in range(nw)]
+        else:
+            if consumed > sum(left):
+                raise MLCDError(f"{self.shards[0] if self.shards else '?'}: cannot resume after {consumed} "
+                                f"batches of {B}: the stream holds only {sum(left)}")
+            taken, nxt = [0] * nw, 0
+            for _ in range(consumed):
+                while left[nxt] == 0:
+                    nxt = (nxt + 1) % nw
+                taken[nxt] += 1
+                left[nxt] -= 1
+                nxt = (nxt + 1) % nw
+        worker = (new_worker + nxt) % nw
+        return worker, taken[worker] * B
+
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         new_worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        B, consumed = self.resume_batch_size, self.resume_batches
-        worker = (new_worker + consumed) % nw  # the original worker this one continues
-        skip = len(range(worker, consumed, nw)) * B if consumed else 0
+        worker, skip = self._resume_point(new_worker, nw)
         quota = self._worker_quota(worker, nw)
         if quota is not None:
             skip = min(skip, quota)

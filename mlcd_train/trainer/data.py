@@ -115,9 +115,15 @@ class LabelTable:
             k = np.load(keys, allow_pickle=False)
             if labels.shape[0] != k.shape[0]:
                 raise MLCDError(f"shard {shard}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
+            index = {str(key): i for i, key in enumerate(k)}
+            if len(index) != len(k):  # a join by key would hand one sample the other's labels
+                _, first, counts = np.unique(k, return_index=True, return_counts=True)
+                raise MLCDError(f"shard {shard}: key {str(k[first[counts > 1][0]])!r} appears "
+                                f"{int(counts.max())} times in {keys}; labels are joined to samples by "
+                                "key, so keys must be unique within a shard")
             if len(self.cache) >= self.max_cache:
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[shard] = ({str(key): i for i, key in enumerate(k)}, labels)
+            self.cache[shard] = (index, labels)
         return self.cache[shard]
 
     def get(self, shard: str, key: str) -> np.ndarray:
