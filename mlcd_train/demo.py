@@ -180,8 +180,17 @@ class Demo:
             launch = [sys.executable]
         return launch + ["-m", "mlcd_train.train", "--config", CONFIG] + overrides
 
+    def steps(self) -> int:
+        """Training steps in effect: --steps, unless a --set train.steps=N comes after it."""
+        n = self.args.steps
+        for kv in self.args.set or []:
+            key, _, value = kv.partition("=")
+            if key.strip() == "train.steps" and value.strip().isdigit():
+                n = int(value)
+        return n
+
     def train(self) -> str:
-        done = Path(self.p("train", "checkpoints", f"step_{self.args.steps:08d}", "meta.json"))
+        done = Path(self.p("train", "checkpoints", f"step_{self.steps():08d}", "meta.json"))
         if done.exists():
             self.say(f"training already finished ({done.parent}); not relaunching torchrun")
             return self._train_figure()
@@ -450,10 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = 64
     if args.warmup is None:
         args.warmup = max(1, min(100, args.steps // 5))
+    if min(args.steps, args.nproc, args.l, args.k) < 1:  # before demo_settings.json pins the folder
+        raise MLCDError(f"--steps, --nproc, --l and --k must be positive (got {args.steps}, {args.nproc}, "
+                        f"{args.l}, {args.k})")
     if args.l > args.k:
         raise MLCDError(f"--l {args.l} exceeds --k {args.k}")
-    if args.steps < 1 or args.nproc < 1:
-        raise MLCDError("--steps and --nproc must be positive")
     return Demo(args).run()
 
 

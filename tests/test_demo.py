@@ -100,3 +100,17 @@ def test_a_rerun_with_other_settings_is_refused(demo_out):
     with pytest.raises(MLCDError, match="other settings.*'k'"):
         demo.main(["--out", str(demo_out)] + ARGS + ["--k", "31"])
     assert (demo_out / "summary.json").read_bytes() == before
+
+
+def test_bad_settings_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(MLCDError, match=r"--l and --k must be positive \(got 40, 2, 0, 50\)"):
+        demo.main(["--out", str(out), "--quick", "--l", "0"])
+    assert not out.exists()
+
+
+def test_training_done_check_follows_a_set_train_steps():
+    args = demo.build_parser().parse_args(["--out", "x", "--steps", "5", "--set", "train.steps=7"])
+    assert demo.Demo(args).steps() == 7
+    args = demo.build_parser().parse_args(["--out", "x", "--steps", "5"])
+    assert demo.Demo(args).steps() == 5
