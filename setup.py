@@ -5,6 +5,8 @@ torch and torchvision are pinned together: each torchvision release requires one
 release, so the two ranges below always resolve to a matching pair.  The Makefile installs
 the exact pair this project is tested with (``TORCH_PIN`` there).
 """
+from glob import glob
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -49,6 +51,9 @@ setup(
     packages=find_packages(include=["mlcd_train", "mlcd_train.*", "clustering", "clustering.*"]),
     include_package_data=True,
     package_data={"mlcd_train": ["data/sample/*"]},
+    # the YAML presets live beside the packages (configs/); a wheel carries them here, where
+    # mlcd_train.config looks when there is no source tree
+    data_files=[("share/mlcd/configs", sorted(glob("configs/*.yaml")))],
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mlcd=mlcd_train.cli:main"]},

@@ -33,7 +33,19 @@ import yaml
 from mlcd_train.utils.errors import MLCDError
 from mlcd_train.utils.io import atomic_write_text
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _configs_dir() -> Path:
+    """The presets: ``configs/`` of the source tree (editable installs, a checkout), else the
+    copy a wheel installs under ``<prefix>/share/mlcd/configs`` (setup.py's data_files)."""
+    import sys
+
+    here = Path(__file__).resolve().parent.parent / "configs"
+    for d in (here, Path(sys.prefix) / "share" / "mlcd" / "configs"):
+        if d.is_dir():
+            return d
+    return here
+
+
+CONFIGS_DIR = _configs_dir()
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
