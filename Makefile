@@ -9,14 +9,19 @@ OUT     ?= demo_out
 
 .PHONY: install test demo bench clean-venv
 
-$(BIN)/.mlcd-installed: setup.py
+# The stamp's name carries a checksum of the pins, and it depends on this Makefile: a new
+# TORCH_PIN (edited here or given on the command line) or install recipe reinstalls.
+STAMP   := $(BIN)/.mlcd-installed-$(shell printf '%s' '$(TORCH_PIN)' | cksum | cut -d' ' -f1)
+
+$(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade "pip>=23.1" "setuptools>=64" wheel
 	$(BIN)/python -m pip install $(TORCH_PIN)
 	$(BIN)/python -m pip install -e '.[hf,dev]'
+	rm -f $(BIN)/.mlcd-installed*
 	touch $@
 
-install: $(BIN)/.mlcd-installed
+install: $(STAMP)
 
 # The whole test suite (CPU only, no network).  .ci/run calls exactly this.
 test: install
@@ -24,7 +29,7 @@ test: install
 
 # The main job: the whole pipeline end to end on the shipped Fashion-MNIST sample.
 demo: install
-	$(BIN)/mlcd demo --out $(OUT)
+	$(BIN)/mlcd demo --out "$(OUT)"
 
 # Every benchmark, one table of measured ratios against their references.
 bench: install

@@ -20,8 +20,51 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # (pytorch/pytorch#135712).  A store of their own per attempt avoids that.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
+# GPUs this process may use: the entries of CUDA_VISIBLE_DEVICES when it is set (empty: none;
+# like CUDA, counting stops at an invalid entry such as -1), otherwise the GPUs nvidia-smi
+# lists (physical GPUs: a GPU split into MIG instances counts once), 0 without nvidia-smi.
+# An nvidia-smi that is present but fails (driver not loaded, ...) is an error, not a silent
+# CPU run: a message on stderr and status 1; set GPUS to bypass it.
 gpus_here() {
-    if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 1; fi
+    local n=0 d out
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        local IFS=,
+        for d in $CUDA_VISIBLE_DEVICES; do
+            d=${d//[[:space:]]/}
+            case $d in ''|-*|NoDevFiles) break ;; esac
+            n=$((n + 1))
+        done
+        echo "$n"
+        return 0
+    fi
+    if ! command -v nvidia-smi >/dev/null 2>&1; then echo 0; return 0; fi
+    if ! out=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>&1); then
+        echo "mlcd launch: nvidia-smi failed: ${out:-no output}" >&2
+        echo "mlcd launch: fix the NVIDIA driver, or set GPUS=N (processes per node; e.g. GPUS=1 with train.device=cpu)" >&2
+        return 1
+    fi
+    printf '%s\n' "$out" | grep -c '[^[:space:]]' || true
+}
+
+# Processes to start on this node by default: one per GPU, or one CPU process without GPUs.
+procs_here() {
+    local n
+    n=$(gpus_here) || return 1
+    if [ "$n" -eq 0 ]; then
+        echo "mlcd launch: no GPU visible; starting 1 process (CPU)" >&2
+        n=1
+    fi
+    echo "$n"
+}
+
+# OpenMP threads per process: CPUS / PROCS, at least 1 (4 CPUs for 8 GPUs must not give 0).
+threads_per_proc() {
+    local cpus=${1:-} procs=${2:-}
+    [[ $cpus =~ ^[0-9]+$ ]] || cpus=1
+    [[ $procs =~ ^[0-9]+$ ]] && [ "$procs" -gt 0 ] || procs=1
+    local t=$((cpus / procs))
+    [ "$t" -ge 1 ] || t=1
+    echo "$t"
 }
 
 print_env() {

@@ -15,7 +15,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host}"
 : "${NNODES:?set NNODES (number of nodes)}"
 MASTER_PORT=${MASTER_PORT:-29500}
-GPUS=${GPUS:-$(gpus_here)}
+GPUS=${GPUS:-$(procs_here)}
 RDZV_ID=${RDZV_ID:-mlcd-$MASTER_ADDR-$MASTER_PORT}
 print_env
 exec $PYTHON -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$GPUS" \

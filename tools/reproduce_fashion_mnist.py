@@ -58,6 +58,15 @@ def call(module: str, argv: list[str]) -> None:
         raise MLCDError(f"python -m {module} {' '.join(argv)} exited with status {rc}")
 
 
+def _complete(folder: str) -> bool:
+    """True when ``folder/meta.json`` exists and says ``"complete": true`` (embed, assign)."""
+    meta = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta):
+        return False
+    with open(meta) as f:
+        return bool(json.load(f).get("complete"))
+
+
 class Repro:
     def __init__(self, args):
         self.a = args
@@ -78,7 +87,7 @@ class Repro:
                     stem = "train" if split == "train" else "t10k"
                     src = os.path.join(a.idx_dir, f"{stem}-images-idx3-ubyte.gz")
                 call("mlcd_train.data.shards", ["--input", src, "--out", out, "--shard-size", "10000"])
-        if not os.path.exists(self.p("emb", "meta.json")) or not json.load(open(self.p("emb", "meta.json"))).get("complete"):
+        if not _complete(self.p("emb")):
             call("clustering.embed", ["--shards", self.p("shards", "train"), "--out", self.p("emb"), "--model", "pca",
                                       "--dim", "64", "--image-size", "28", "--pca-fit-samples", "20000",
                                       "--workers", "0", "--batch-size", "1024"])
@@ -88,7 +97,8 @@ class Repro:
             call("clustering.kmeans", ["--emb", self.p("emb"), "--k", str(k), "--out", cl, "--seed", str(a.seed),
                                        "--niter", "20", "--max-points-per-centroid", "0"])
             lbl = self.p(f"labels_k{k}")
-            if not os.path.exists(os.path.join(lbl, "meta.json")):
+            # assign writes meta.json first (complete=false) and resumes by itself
+            if not _complete(lbl):
                 call("clustering.assign", ["--emb", self.p("emb"), "--centroids", os.path.join(cl, "centroids.npy"),
                                            "--topk", str(min(topk, k)), "--out", lbl])
 
