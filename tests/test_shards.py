@@ -193,20 +193,23 @@ def test_idx_raw_labels_found_by_name_and_missing_labels(tmp_path):
         shards.main(["--input", str(tmp_path / "a" / "t-images-idx3-ubyte"), "--out", str(tmp_path / "o3")])
 
 
+def _killed_on_call(n, real, calls):
+    """check_image that counts its calls in ``calls`` and is "killed" (KeyboardInterrupt) on the n-th."""
+    def check(data):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(data)
+    return check
+
+
 def test_interrupted_run_resumes_to_identical_output(tmp_path, monkeypatch):
     src = make_image_folder(tmp_path / "src", n=20, size=8, num_classes=2)
     args = ["--input", str(src), "--shard-size", "6"]
     assert shards.main(args + ["--out", str(tmp_path / "clean")]) == 0
 
     real_check, calls = shards.check_image, []
-
-    def dying_check(data):
-        calls.append(1)
-        if len(calls) == 15:
-            raise KeyboardInterrupt  # killed while writing the third shard
-        return real_check(data)
-
-    monkeypatch.setattr(shards, "check_image", dying_check)
+    monkeypatch.setattr(shards, "check_image", _killed_on_call(15, real_check, calls))  # in the third shard
     with pytest.raises(KeyboardInterrupt):
         shards.main(args + ["--out", str(tmp_path / "run")])
     run = tmp_path / "run"
@@ -230,14 +233,7 @@ def test_interrupted_overwrite_leaves_no_stale_metadata_or_shards(tmp_path, monk
     assert {"sizes.json", "skipped.json", "classes.json", "shard-000002.tar"} <= {p.name for p in out.iterdir()}
 
     real_check, calls = shards.check_image, []
-
-    def dying_check(data):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # killed after the first new shard
-        return real_check(data)
-
-    monkeypatch.setattr(shards, "check_image", dying_check)
+    monkeypatch.setattr(shards, "check_image", _killed_on_call(4, real_check, calls))  # after the first new shard
     with pytest.raises(KeyboardInterrupt):
         shards.main(["--input", str(unlabelled), "--overwrite"] + args)
     # nothing of the first run is left to pass for a complete folder or to mix with the new shards
