@@ -204,7 +204,15 @@ def resolve_config(state_dict: dict, meta: Optional[dict], where: str, *, image_
         if act is not None:
             cfg["act"] = act
         return cfg
-    return infer_config(state_dict, where, image_size=image_size, heads=heads, act=act)
+    cfg = infer_config(state_dict, where, image_size=image_size, heads=heads, act=act)
+    guessed = ([f"{cfg['heads']} heads (width / 64, CLIP's rule)"] if heads is None and cfg["pos_embed"] == "abs" else []) \
+        + (["activation gelu"] if act is None else [])
+    if guessed:
+        # not visible in the tensors, and the conversion check cannot catch a wrong guess
+        # (both sides are built from it): say so
+        print(f"mlcd: {where}: no .json sidecar; assuming {' and '.join(guessed)}; pass --num_heads / --act "
+              "if the model was trained otherwise", file=sys.stderr)
+    return cfg
 
 
 def build_and_load(cfg: dict, state_dict: dict, where: str):

@@ -210,7 +210,7 @@ def test_import_of_random_transformers_model_equals_its_outputs(tmp_path, kind):
         torch.testing.assert_close(ours(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_convert_infers_architecture_from_tensors_without_sidecar(tmp_path):
+def test_convert_infers_architecture_from_tensors_without_sidecar(tmp_path, capsys):
     m_rope = tiny("rope2d", width=64, heads=4)  # head width 16: heads from class_pos_emb
     m_abs = tiny("abs", width=128, heads=2)  # head width 64: CLIP's rule
     for name, m in (("rope", m_rope), ("abs", m_abs)):
@@ -225,6 +225,13 @@ def test_convert_infers_architecture_from_tensors_without_sidecar(tmp_path):
         cfg = json.loads((tmp_path / f"hf_{name}" / "config.json").read_text())
         assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["patch_size"],
                 cfg["image_size"], cfg["hidden_act"]) == (m.config.width, m.config.heads, 2, 4, 28, "gelu")
+        # what the tensors cannot tell is said, since the check cannot catch a wrong guess
+        err = capsys.readouterr().err
+        assert "no .json sidecar; assuming " in err and "activation gelu" in err
+        assert ("2 heads (width / 64" in err) == (name == "abs")
+    conv.main(["--checkpoint_path", str(tmp_path / "abs.pt"), "--pytorch_dump_folder_path", str(tmp_path / "hf_2"),
+               "--num_heads", "2", "--act", "gelu"])
+    assert "assuming" not in capsys.readouterr().err
 
 
 def test_convert_bad_inputs_leave_no_output_dir(tmp_path):
