@@ -628,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of --order shuffled (default 0)")
     ap.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="P",
                     help=f"skip images with more than P pixels (PIL.Image.MAX_IMAGE_PIXELS; default "
-                         f"{DEFAULT_MAX_IMAGE_PIXELS}, 0 = no bound)")
+                         f"{DEFAULT_MAX_IMAGE_PIXELS}, 0 = no bound).  The reader keeps Pillow's default, "
+                         f"which refuses images above {2 * DEFAULT_MAX_IMAGE_PIXELS} pixels: with a larger P "
+                         f"such images would count as corrupt samples in training")
     ap.add_argument("--overwrite", action="store_true", help="replace the shards already in DIR")
     ap.add_argument("--classes", default=None, metavar="PATH",
                     help="number classes by this classes.json (e.g. the training split's), so that every "
