@@ -248,7 +248,8 @@ class Trainer:
             return SyntheticBatches(cfg.data.synthetic_batches, self.batch, self.image_size, cfg.loss.num_classes,
                                     cfg.loss.l, cfg.seed, self.info.rank, start=start_step)
         loader, ds = build_shard_loader(cfg, self.info.rank, self.info.world_size, self.batch, start_step,
-                                        self.image_size, pin_memory=self.info.device.type == "cuda")
+                                        self.image_size, pin_memory=self.info.device.type == "cuda",
+                                        positions=self.positions or None)
         return iter(loader)
 
     def _check_data(self):
@@ -322,6 +323,8 @@ class Trainer:
         if changed and info.is_main:
             print(f"mlcd train: resuming {folder} with other data-stream settings ({'; '.join(changed)}): "
                   "training continues, but not on the stream the original run would have read", file=sys.stderr)
+        if st["world_size"] == info.world_size and not changed and st.get("positions"):
+            self.positions = {int(w): int(n) for w, n in st["positions"][info.rank].items()}
         return st
 
     def _stream_settings(self) -> dict:
@@ -347,13 +350,14 @@ class Trainer:
         barrier()
         P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
         rngs = gather_objects(ck.rng_state(), info)
+        positions = gather_objects(dict(self.positions), info)
         local_corrupt = sum(c for c, _ in self.worker_stats.values())
         self.corrupt_total = self.corrupt_offset + int(all_sum([float(local_corrupt)], info)[0])
         if info.is_main:
             state = {"step": step, "samples_seen": step * self.cfg.train.global_batch_size,
                      "world_size": info.world_size, **self._stream_settings(),
                      "data_batches_consumed": step, "skipped_steps": self.skipped,
-                     "corrupt": self.corrupt_total, "rng": rngs,
+                     "corrupt": self.corrupt_total, "rng": rngs, "positions": positions,
                      "schedule": {"name": self.cfg.optim.schedule, "warmup_steps": self.cfg.optim.warmup_steps,
                                   "total": self.cfg.train.steps}}
             ck.save_main_files(folder, step, unwrap_state_dict(self.core), self.model_config,
@@ -376,6 +380,9 @@ class Trainer:
         self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
         self.saved: set[int] = set()
         self.worker_stats: dict[int, tuple[int, int]] = {}
+        # {original loader worker: records it has consumed} of this rank, from the batches taken:
+        # saved with each checkpoint so that a resume is exact even past corrupt samples
+        self.positions: dict[int, int] = {}
         self._check_data()
         folder = self._resume_folder()
         barrier()
@@ -446,8 +453,9 @@ class Trainer:
             batch = next(data)
             win_wait += time.perf_counter() - t0
             images, labels = batch[0], batch[1]
-            if len(batch) > 2:  # (worker, corrupt, records) of the loader worker that made it
+            if len(batch) > 2:  # (worker, corrupt, records, original worker, position) of its loader worker
                 self.worker_stats[int(batch[2][-1])] = (int(batch[3][-1]), int(batch[4][-1]))
+                self.positions[int(batch[5][-1])] = int(batch[6][-1])
             images = images.to(dev, non_blocking=True)
             labels = labels.to(dev, non_blocking=True)
             factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)

@@ -42,9 +42,11 @@ stream whose workers run out at different times is replayed batch by batch inste
 the DataLoader's default drop_last=False: :meth:`ShardDataset._resume_point`).  Skipping
 decodes nothing: whole passes and shards are skipped with the counts of ``sizes.json``, the
 rest of the shard by reading tar headers.  It assumes the same world size, num_workers,
-batch size, seed, epoch, shuffle_buffer and shards as the interrupted run, and shards with
-no corrupt sample before the resume point (each such sample shifts the resumed stream by
-one; shards written by ``mlcd shards`` hold none).
+batch size, seed, epoch, shuffle_buffer and shards as the interrupted run.  Counting
+batches x B sees samples, not records: each corrupt sample before the resume point would
+shift the resumed stream by one, so ``set_resume(..., positions)`` takes each worker's
+position in records (``stats['skipped'] + stats['records']`` of its last consumed batch;
+the trainer saves them in its checkpoints) and is exact past corrupt samples too.
 """
 from __future__ import annotations
 
@@ -332,6 +334,7 @@ class ShardDataset(IterableDataset):
         self.max_corrupt_fraction = max_corrupt_fraction
         self.min_records_for_check = min_records_for_check
         self.resume_batches, self.resume_batch_size = 0, 0
+        self.resume_positions: Optional[dict] = None
         self.stats = self._new_stats()
 
     # -- configuration
@@ -339,11 +342,17 @@ class ShardDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def set_resume(self, batches_consumed: int, batch_size: int) -> None:
-        """Continue exactly after ``batches_consumed`` batches of ``batch_size`` (see module docs)."""
+    def set_resume(self, batches_consumed: int, batch_size: int, positions: Optional[dict] = None) -> None:
+        """Continue exactly after ``batches_consumed`` batches of ``batch_size`` (see module docs).
+
+        ``positions``: {original worker: records it had consumed}, as the stats of its last
+        consumed batch said (``stats['worker']``, ``stats['skipped'] + stats['records']``);
+        with them the resume is exact even past corrupt samples, which ``batches_consumed``
+        alone cannot see."""
         if batches_consumed < 0 or (batches_consumed and batch_size < 1):
             raise ValueError(f"bad resume point: {batches_consumed} batches of {batch_size}")
         self.resume_batches, self.resume_batch_size = int(batches_consumed), int(batch_size)
+        self.resume_positions = {int(w): int(n) for w, n in positions.items()} if positions else None
 
     @staticmethod
     def _new_stats() -> dict:
@@ -492,6 +501,8 @@ class ShardDataset(IterableDataset):
                 left[nxt] -= 1
                 nxt = (nxt + 1) % nw
         worker = (new_worker + nxt) % nw
+        if self.resume_positions is not None and worker in self.resume_positions:
+            return worker, self.resume_positions[worker]  # records, corrupt ones included
         return worker, taken[worker] * B
 
     def __iter__(self) -> Iterator[Sample]:
@@ -503,6 +514,7 @@ class ShardDataset(IterableDataset):
             skip = min(skip, quota)
             quota -= skip
         self.stats = stats = self._new_stats()
+        stats["worker"], stats["skipped"] = worker, skip  # the worker's position: skipped + records
         if quota == 0:
             return
         yielded = 0

@@ -223,8 +223,10 @@ class LabeledStream(IterableDataset):
             y = torch.from_numpy(self.labels.get(s.shard, s.key))
             n += 1
             stats = getattr(self.dataset, "stats", None) or {}
-            # the reader's corrupt counters live in this worker: they travel with the batch
-            yield x, y, w, stats.get("corrupt", 0), stats.get("records", 0)
+            # the reader's counters live in this worker: they travel with the batch (the last
+            # two: the original worker this one plays, and its position in records for resume)
+            yield (x, y, w, stats.get("corrupt", 0), stats.get("records", 0), stats.get("worker", w),
+                   stats.get("skipped", 0) + stats.get("records", 0))
 
 
 def _worker_init(_):
@@ -237,8 +239,9 @@ def _worker_init(_):
 
 
 def build_shard_loader(cfg, rank: int, world_size: int, batch_size: int, resume_batches: int,
-                       image_size: int, pin_memory: bool = False):
-    """The DataLoader of this rank; batches are (images, labels, worker, corrupt, records)."""
+                       image_size: int, pin_memory: bool = False, positions: dict | None = None):
+    """The DataLoader of this rank; batches are (images, labels, worker, corrupt, records,
+    original worker, its position); ``positions`` as in :meth:`ShardDataset.set_resume`."""
     from mlcd_train.data.reader import ShardDataset, list_shards
 
     shards = list_shards(cfg.data.shards)
@@ -246,7 +249,7 @@ def build_shard_loader(cfg, rank: int, world_size: int, batch_size: int, resume_
                       seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                       max_corrupt_fraction=cfg.data.max_corrupt_fraction)
     nw = cfg.data.num_workers
-    ds.set_resume(resume_batches, batch_size)
+    ds.set_resume(resume_batches, batch_size, positions)
     stream = LabeledStream(ds, LabelTable(cfg.data.labels, cfg.loss.l), Augment(image_size, cfg.data.aug),
                            cfg.seed, rank, batch_size, resume_batches)
     kw = dict(num_workers=nw, batch_size=batch_size, pin_memory=pin_memory, drop_last=True)
