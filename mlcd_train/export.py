@@ -17,6 +17,7 @@ Python: :func:`export_checkpoint`, :func:`load_native` (state dict + sidecar),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import textwrap
 import os
 import re
@@ -258,10 +259,15 @@ def save_native(state_dict: dict, model_config: dict, out: str | os.PathLike, *,
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         flat[key] = value.contiguous().clone()
-    atomic_torch_save(flat, out)
     meta = {"model_config": dict(model_config), "image_size": int(model_config["image_size"]),
             "source": str(source), "step": step}
     side = sidecar_path(out)
+    # the sidecar goes first and comes back last: a kill between the two writes leaves new
+    # weights without a sidecar (the config is then read off the tensors, with a warning),
+    # never beside the old export's config (heads and activation are not in the tensors)
+    with contextlib.suppress(FileNotFoundError):
+        side.unlink()
+    atomic_torch_save(flat, out)
     atomic_save_json(side, meta)
     return out, side
 

@@ -121,6 +121,15 @@ def all_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or cut one (a write cut short by a
+    kill or a full disk), which a resume drops rather than failing on."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else math.inf
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 class MetricsLog:
     """``OUT/metrics.jsonl`` (append, one object per logged step) and tensorboard scalars."""
 
@@ -133,8 +142,7 @@ class MetricsLog:
         if start_step > 0 and self.path.is_file():  # drop lines past the checkpoint we resumed from
             from mlcd_train.utils.io import atomic_write_text
 
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= start_step]
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         elif start_step == 0 and self.path.is_file():
             self.path.unlink()

@@ -333,3 +333,25 @@ def test_tools_convert_to_hf_takes_the_seed_flags(tmp_path):
     assert "verified" in proc.stdout
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "mlcd_vision_model" and cfg["image_size"] == 28
+
+
+def test_reexport_killed_between_writes_never_pairs_new_weights_with_old_sidecar(tmp_path, monkeypatch):
+    """Heads and activation are only in the sidecar: a kill after the new .pt but before its
+    .json must not leave the old .json beside it (the model would load wrong, silently)."""
+    import mlcd_train.export as E
+
+    a, b = tiny("abs", seed=0, heads=2), tiny("abs", seed=1, heads=4, act="quick_gelu")
+    out = tmp_path / "x.pt"
+    E.save_native(a.state_dict(), model_config_to_dict(a), out, source="a", step=1)
+
+    def killed(path, obj, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "atomic_save_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        E.save_native(b.state_dict(), model_config_to_dict(b), out, source="b", step=2)
+    assert not out.with_suffix(".json").exists()  # no sidecar rather than a's
+    monkeypatch.undo()
+    E.save_native(b.state_dict(), model_config_to_dict(b), out, source="b", step=2)
+    m = load_model(out)
+    assert (m.config.heads, m.config.act) == (4, "quick_gelu")

@@ -453,3 +453,13 @@ def test_trainer_resume_is_exact_past_corrupt_samples(data, tmp_path):
     state = load(ckpt(tmp_path / "resumed", 3), "trainer_state.pt")
     assert sum(state["positions"][0].values()) > 3 * 8  # corrupt records were passed over
     assert_same_weights(ckpt(tmp_path / "straight", 6), ckpt(tmp_path / "resumed", 6), tol=0, ranks=1)
+
+
+def test_resume_drops_a_cut_metrics_line(tmp_path):
+    """A metrics line cut short (kill, full disk) is dropped on resume instead of stopping it."""
+    out = tmp_path / "cut"
+    assert train.main(_synthetic(out, "train.steps=2", "train.save_every=1")) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert train.main(_synthetic(out, "train.steps=3", "train.save_every=1")) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]

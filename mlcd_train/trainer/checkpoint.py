@@ -62,6 +62,9 @@ def clean_incomplete(root: Path) -> list[Path]:
 def prune(root: Path, keep_last: int) -> None:
     ck = list_checkpoints(root)
     for _, p in ck[:-keep_last] if keep_last > 0 else []:
+        # meta.json first: a kill during the rmtree leaves an incomplete folder, never one
+        # still marked complete with some of its files gone
+        (p / "meta.json").unlink(missing_ok=True)
         shutil.rmtree(p, ignore_errors=True)
 
 

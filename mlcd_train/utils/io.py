@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -121,6 +122,9 @@ def remove_stale_tmp(folder: str | os.PathLike) -> int:
     if folder.is_dir():
         for p in folder.glob(f".*{TMP_SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 n += 1
     return n
