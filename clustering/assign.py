@@ -46,7 +46,7 @@ import numpy as np
 from clustering import store
 from clustering.search import make_searcher, pick_backend
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import OrderedWriter, atomic_save_json, atomic_save_npy, load_json
+from mlcd_train.utils.io import OrderedWriter, atomic_save_json, atomic_save_npy, load_json, remove_stale_tmp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{searcher.nlist}: expect no speed-up over exact search (drop --approx); "
                   f"the centres have little cluster structure", file=sys.stderr)
     base_meta = {**settings, "dim": d, "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
+    if info.is_main:
+        remove_stale_tmp(args.out)  # left by a killed run; no rank writes before the barrier
     if info.is_main and not same_run:
         # written first (complete=false), so a rerun with other settings is refused, not mixed in
         atomic_save_json(meta_path, {**base_meta, "complete": False})

@@ -33,7 +33,7 @@ import numpy as np
 
 from clustering import store
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import load_json
+from mlcd_train.utils.io import load_json, remove_stale_tmp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"use --overwrite or another --out")
     if info.is_main:
         os.makedirs(out, exist_ok=True)
+        remove_stale_tmp(out)  # left by a killed run (as large as a shard); no rank writes yet
         store.write_meta(out, embedder.spec, embedder.dim, {}, complete=False, embedder_info=describe,
                          shards=os.path.abspath(args.shards) if isinstance(args.shards, str) else None)
     barrier()

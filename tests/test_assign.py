@@ -135,14 +135,17 @@ def test_resume_skips_finished_shards(setup, tmp_path, monkeypatch):
     root, cpath, _, _ = setup
     out = tmp_path / "lbl"
     assert _run(root, cpath, out) == 0
-    # simulated crash while shard 1 was written: its keys (written last) never landed
+    # simulated crash while shard 1 was written: its keys (written last) never landed, and the
+    # temporary file of its labels is left behind
     os.unlink(out / "part-000001.keys.npy")
+    (out / f".part-000001.labels.npy.{os.getpid()}.tmp").write_bytes(b"half")
     done = []
     real = assign.assign_shard
     monkeypatch.setattr(assign, "assign_shard", lambda s, sh, *a, **k: done.append(sh.name) or real(s, sh, *a, **k))
     mtimes = {p: os.stat(out / p).st_mtime_ns for p in ("part-000000.labels.npy", "part-000002.labels.npy")}
     assert _run(root, cpath, out) == 0
     assert done == ["part-000001"]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     assert {p: os.stat(out / p).st_mtime_ns for p in mtimes} == mtimes
     assert (out / "part-000001.keys.npy").exists()
     assert _run(root, cpath, out, "--overwrite") == 0

@@ -114,14 +114,17 @@ def test_resume_after_crash_skips_finished_shards(shards, tmp_path, monkeypatch)
     args = ["--shards", str(shards), "--out", str(out), "--model", "pca", "--dim", "4", "--image-size", "8",
             "--workers", "1"]
     assert embed.main(args) == 0
-    # crash while shard 2 was being written: its keys (written last) never landed
+    # crash while shard 2 was being written: its keys (written last) never landed, and the
+    # temporary file of its embeddings is left behind
     os.unlink(out / "shard-000002.keys.npy")
+    (out / f".shard-000002.npy.{os.getpid()}.tmp").write_bytes(b"half")
     groups = []
     real = embed.embed_group
     monkeypatch.setattr(embed, "embed_group", lambda e, g, *a, **k: groups.append(list(g)) or real(e, g, *a, **k))
     keep = {n: os.stat(out / n).st_mtime_ns for n in ("shard-000000.npy", "shard-000001.npy", "pca.npz")}
     assert embed.main(args) == 0
     assert [[os.path.basename(s) for s in g] for g in groups] == [["shard-000002.tar"]]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     assert {n: os.stat(out / n).st_mtime_ns for n in keep} == keep
     assert json.load(open(out / "meta.json"))["complete"]
     assert store.open_emb(out).total == 48
