@@ -91,7 +91,7 @@ def run(quick: bool = False) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="k = 100,000 and 3 repeats: a fast look")
+    ap.add_argument("--quick", action="store_true", help="k = 100,000 and 5 repeats: a fast look")
     ap.add_argument("--classes", type=int, default=None, help="number of classes k (default 1,000,000)")
     ap.add_argument("--dim", type=int, default=512, help="embedding size d (default 512)")
     ap.add_argument("--batch", type=int, default=256, help="global batch (default 256)")

@@ -2,7 +2,7 @@
 
     python -m bench.run_all            # full settings (minutes)
     python -m bench.run_all --quick    # reduced sizes, a quick look
-    python -m bench.run_all --only reader,kmeans
+    python -m bench.run_all --only reader,cluster
 
 Discovers ``bench/bench_*.py``, calls each module's ``run(quick)`` and prints all the rows
 with :func:`bench.common.format_table`.  A benchmark that raises gets one row carrying its
@@ -43,7 +43,8 @@ def run_one(name: str, quick: bool) -> list[dict]:
         if not rows:
             raise RuntimeError("run() returned no rows")
         return rows
-    except Exception as exc:  # noqa: BLE001 - one failing benchmark must not stop the others
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - one failing benchmark (or an argparse
+        # exit inside a stage's main) must not stop the others or lose the table
         traceback.print_exc(file=sys.stderr)
         msg = f"FAILED after {time.perf_counter() - t0:.1f}s: {type(exc).__name__}: {exc}"
         return [{"benchmark": name, "metric": "error", "ours": None, "reference": None,
