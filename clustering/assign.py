@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -369,17 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     meta_path = os.path.join(args.out, "meta.json")
     # what makes two runs the same: a rerun may keep the other's finished shards only if all of
     # these agree (the centres by content, not just by path: a re-clustered CL/ keeps its path)
-    settings = json.loads(json.dumps({
+    settings = {
         "k": k, "topk": L, "centroids": store.resolve(args.centroids),
         "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(args.emb),
         "emb_shards": emb.meta.get("shards"), "embedder": emb.embedder, "embedder_info": emb.meta.get("embedder_info"),
-        "threshold": args.threshold}))
+        "threshold": args.threshold}
     old = load_json(meta_path) if os.path.exists(meta_path) else None
-    differ = [key for key, v in settings.items() if old is not None and old.get(key) != v]
+    differ = store.run_difference(old, settings) if old is not None else ""
     same_run = old is not None and not differ
     if old is not None and not same_run and not args.overwrite:
-        raise MLCDError(f"{meta_path}: {args.out} holds labels of another run (differs in "
-                        f"{', '.join(differ)}: {', '.join(f'{key}={old.get(key)!r}' for key in differ)}); "
+        raise MLCDError(f"{meta_path}: {args.out} holds labels of another run ({differ}); "
                         f"use --overwrite or another --out")
     barrier()  # every rank has read the old meta.json before rank 0 replaces it
 

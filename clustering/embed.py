@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -174,13 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     describe = embedder.identity()
     if old is not None and not args.overwrite and old.get("embedder_info") is not None:
         was = old["embedder_info"]
-        differ = [key for key in sorted(set(was) | set(describe))
-                  if json.loads(json.dumps(describe.get(key))) != was.get(key)]
+        differ = store.run_difference(was, {key: describe.get(key) for key in sorted(set(was) | set(describe))})
         if differ:
             raise MLCDError(f"{meta_path}: {out} holds embeddings of another model under the same spec "
-                            f"{embedder.spec!r} (differs in {', '.join(differ)}: "
-                            f"{', '.join(f'{key}={was.get(key)!r}' for key in differ)}); "
-                            f"use --overwrite or another --out")
+                            f"{embedder.spec!r} ({differ}); use --overwrite or another --out")
     if info.is_main:
         os.makedirs(out, exist_ok=True)
         remove_stale_tmp(out)  # left by a killed run (as large as a shard); no rank writes yet

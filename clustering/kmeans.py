@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -333,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         old = load_json(out_m)
         asked = {"k": args.k, "emb": store.resolve(args.emb), "embedder": emb.embedder, "seed": args.seed,
                  "init": args.init, "niter": args.niter, "max_points_per_centroid": args.max_points_per_centroid,
-                 "embedder_info": json.loads(json.dumps(emb.meta.get("embedder_info")))}
+                 "embedder_info": emb.meta.get("embedder_info")}
         if args.method != "auto":
             asked["method"] = args.method
-        differ = [key for key, v in asked.items() if key in old and old[key] != v]
+        differ = store.run_difference(old, asked, only_recorded=True)
         if differ:
-            raise MLCDError(f"{out_m}: {args.out} holds centres of another run (differs in {', '.join(differ)}: "
-                            f"{', '.join(f'{key}={old[key]!r}' for key in differ)}); use --overwrite or another --out")
+            raise MLCDError(f"{out_m}: {args.out} holds centres of another run ({differ}); "
+                            f"use --overwrite or another --out")
         if info.is_main:
             print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
         return 0

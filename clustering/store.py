@@ -316,6 +316,18 @@ def resolve(p: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------- writing
 
+def run_difference(old: dict, now: dict, only_recorded: bool = False) -> str:
+    """'' when the run recorded in ``old`` (a meta.json) is the one ``now`` describes, else
+    "differs in a, b: a=<old a>, b=<old b>" for the error refusing to mix the two.  ``now`` is
+    compared as JSON (tuples become lists); with ``only_recorded`` keys that ``old`` lacks
+    (a meta.json written before they were recorded) are not compared."""
+    import json
+
+    now = json.loads(json.dumps(now))
+    keys = [k for k, v in now.items() if (k in old or not only_recorded) and old.get(k) != v]
+    return f"differs in {', '.join(keys)}: {', '.join(f'{k}={old.get(k)!r}' for k in keys)}" if keys else ""
+
+
 def array_fingerprint(a: np.ndarray) -> str:
     """Content fingerprint of an array (dtype, shape, bytes): tells a rerun whether the centres
     behind a path are still the ones its finished shards were labelled with."""

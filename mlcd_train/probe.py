@@ -288,24 +288,16 @@ def _classes_file(shards: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _names(path: str) -> dict:
-    from mlcd_train.utils.io import load_json
-
-    data = load_json(path)
-    try:
-        return {int(k): str(v) for k, v in data.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise MLCDError(f"{path}: expected a classes.json ({{\"0\": \"name\", ...}})") from None
-
-
 def align_test_classes(train_shards: str, test_shards: str, y_test: np.ndarray) -> np.ndarray:
     """Test class ids renumbered as the training split's, by name, when both folders have a
     ``classes.json`` (each ``mlcd shards`` input numbers its own classes); else unchanged."""
     train_file, test_file = _classes_file(train_shards), _classes_file(test_shards)
     if train_file is None or test_file is None:
         return y_test
-    train_ids = {name: i for i, name in _names(train_file).items()}
-    test_names = _names(test_file)
+    from mlcd_train.data.shards import load_classes
+
+    train_ids = {name: i for i, name in load_classes(train_file)[1].items()}
+    test_names = load_classes(test_file)[1]
     mapping = {}
     for c in np.unique(y_test).tolist():
         if c not in test_names:
