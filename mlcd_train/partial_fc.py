@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_torch_save
+from mlcd_train.utils.io import atomic_torch_save, safe_torch_load
 
 FORMAT = "mlcd.partial_fc/1"
 LOSSES = ("mlcd", "mlc", "unicom")
@@ -617,12 +617,7 @@ def load_partial_fc(pfc: PartialFC, sources: str | os.PathLike | Sequence[str | 
     paths = _shard_paths(sources)
     shards = []
     for path in paths:
-        try:
-            st = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except FileNotFoundError:
-            raise MLCDError(f"{path}: PartialFC shard not found") from None
-        except Exception as exc:  # noqa: BLE001 - corrupt file
-            raise MLCDError(f"{path}: not a readable PartialFC shard ({exc})") from None
+        st = safe_torch_load(path, "PartialFC shard", mmap=True)  # regular file, weights_only
         if not isinstance(st, dict) or st.get("format") != FORMAT:
             fmt = st.get("format") if isinstance(st, dict) else None
             raise MLCDError(f"{path}: not a PartialFC shard (format {fmt!r}, expected {FORMAT!r})")
