@@ -98,6 +98,7 @@ def _dist_cluster(rank, world, emb, out, k, x, init):
     return kmeans.torch_lloyd(np.array_split(x, world)[rank], init, 5, 1)
 
 
+@pytest.mark.slow
 def test_distributed_lloyd_equals_single_process(mixture, tmp_path):
     root, _, _ = mixture
     k = 12

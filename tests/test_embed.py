@@ -178,6 +178,7 @@ def _assert_same_arrays(a, b):
         assert (za == zb).all(), a.name
 
 
+@pytest.mark.slow
 def test_two_ranks_split_shards_and_match_one_process(shards, tmp_path):
     """embed + assign on 2 gloo ranks (shards split over ranks) == the single-process run."""
     from clustering import assign

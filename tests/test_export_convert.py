@@ -316,6 +316,7 @@ def test_bf16_export_converts_and_matches_its_rounded_weights(tmp_path):
         assert not torch.allclose(ours(x), m(x), atol=1e-6)  # it really is the rounded model
 
 
+@pytest.mark.slow
 def test_tools_convert_to_hf_takes_the_seed_flags(tmp_path):
     """The seed README's command line, on a native RoPE2D file without sidecar."""
     import subprocess

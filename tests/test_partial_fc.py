@@ -421,6 +421,7 @@ def _reference_step(opt_kind):
     return [p.detach() for p in backbone.parameters()], pfc.weight.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_equals_one_process(world, tmp_path):
     # spawning and importing DDP are slow on a busy machine: a roomy per-process timeout

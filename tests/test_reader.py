@@ -144,6 +144,7 @@ def _gloo_reader(rank, world_size, folder):
     return {"all_keys": everyone, "n_batches": len(batches), "n_samples": sum(len(b["key"]) for b in batches)}
 
 
+@pytest.mark.slow
 def test_gloo_ranks_split_exactly_and_resampled_counts_are_equal(tmp_path):
     counts = [5, 3, 7, 1, 4]
     folder = _make_shards(tmp_path / "d", counts)

@@ -164,6 +164,7 @@ def ref(runs):
     return runs["ref"]
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_tensorboard_metrics(ref):
     cks = sorted(p.name for p in (ref / "checkpoints").iterdir())
     assert cks == [f"step_{s:08d}" for s in (10, 20, 30, 40)]
@@ -200,6 +201,7 @@ def test_run_writes_checkpoints_tensorboard_metrics(ref):
     assert cfg["train"]["steps"] == STEPS and cfg["loss"]["num_classes"] == K   # resolved from meta.json
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_restart_matches_uninterrupted(ref, runs):
     out, first, stopped, rc = runs["term"]
     assert "stop signal received" in first
@@ -215,6 +217,7 @@ def test_sigterm_saves_and_restart_matches_uninterrupted(ref, runs):
         assert r["loss"] == pytest.approx(ref_loss[r["step"]], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_worker_restarts_and_finishes(ref, runs):
     out, rc = runs["kill"]
     assert rc == 0, log_text(out)[-3000:]
@@ -223,6 +226,7 @@ def test_sigkill_of_one_worker_restarts_and_finishes(ref, runs):
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_resume_on_one_rank_of_a_two_rank_checkpoint(data, ref, tmp_path):
     src = ckpt(ref, 20)
     out = tmp_path / "one"
