@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 OUT     ?= demo_out
 
-.PHONY: install test test-fast demo bench clean-venv
+.PHONY: install test test-fast lint demo bench clean-venv
 
 # The stamp's name carries a checksum of the pins, and it depends on this Makefile: a new
 # TORCH_PIN (edited here or given on the command line) or install recipe reinstalls.
@@ -31,6 +31,10 @@ test: install
 # `slow` in pytest.ini's sense (torchrun or spawned ranks, subprocesses, the demo).
 test-fast: install
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" --durations=5
+
+# ruff with ruff.toml's rules; .ci/run runs it after the tests.
+lint: install
+	$(BIN)/python -m ruff check .
 
 # The main job: the whole pipeline end to end on the shipped Fashion-MNIST sample.
 demo: install

@@ -66,7 +66,7 @@ def matmul_gflops(n: int, d: int, k: int, repeats: int = 3) -> float:
         a, b, o = torch.randn(bs, d), torch.randn(d, kb), torch.empty(bs, kb)
         calls = max(1, int(4e9 // (2 * bs * d * kb)))  # ~4 GFLOP per timing
 
-        def gemm():
+        def gemm(a=a, b=b, o=o, calls=calls):  # this iteration's operands, bound now
             for _ in range(calls):
                 torch.mm(a, b, out=o)
         t = median_time(gemm, repeats=max(repeats, 5), warmup=1) / calls

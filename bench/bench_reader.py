@@ -81,7 +81,7 @@ def run(quick: bool = False) -> list[dict]:
             for r in range(repeats):  # alternating order: the second of a pair tends to run faster
                 pair = ((t_ref, _plain_loop), (t_ours, _ours))
                 for times, fn in (pair if r % 2 == 0 else pair[::-1]):
-                    times.append(median_time(lambda: fn(paths), repeats=1, warmup=0))
+                    times.append(median_time(lambda fn=fn, paths=paths: fn(paths), repeats=1, warmup=0))
             ours, ref = n_ours / float(np.median(t_ours)), n_ref / float(np.median(t_ref))
             rows.append(row("reader", f"decoded img/s, {name}", ours, ref, "tarfile+PIL loop",
                             ours / ref, ">= 0.9", note=f"1 worker, {n_ours} images, median of {repeats}"))

@@ -55,7 +55,8 @@ def run_one(name: str, quick: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced sizes and repeats (each module's run(quick=True))")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sizes and repeats (each module's run(quick=True))")
     parser.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py) to run")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)

@@ -10,7 +10,6 @@ byte-identical from run to run), plus ``classes.json`` and the MIT licence notic
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
