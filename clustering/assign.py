@@ -45,7 +45,9 @@ import numpy as np
 from clustering import store
 from clustering.search import make_searcher, pick_backend
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import OrderedWriter, atomic_save_json, atomic_save_npy, load_json, remove_stale_tmp
+from mlcd_train.utils.args import float_between, fraction_left_open, nonneg_int, positive_int
+from mlcd_train.utils.io import (OrderedWriter, atomic_save_json, atomic_save_npy, check_out_separate, json_field,
+                                 load_json, remove_stale_tmp, safe_np_load)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,28 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--emb", required=True, help="embeddings folder written by mlcd embed")
     p.add_argument("--centroids", required=True, help="centres, float32 [k, d] (CL/centroids.npy)")
-    p.add_argument("--topk", type=int, default=8, help="labels per image, L (paper: 8)")
+    p.add_argument("--topk", type=positive_int, default=8, help="labels per image, L (paper: 8)")
     p.add_argument("--out", required=True, help="labels folder")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=float_between(-1.0, 1.0), default=None,
                    help="keep only centres with similarity > T, judged on the score as stored (float16) "
                         "(pad -1); the top-1 is always kept")
     p.add_argument("--approx", action="store_true", help="IVF search over the centres (very large k)")
-    p.add_argument("--nlist", type=int, default=0, help="IVF lists (default min(k/39, 4 sqrt(k)))")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (default 16)")
-    p.add_argument("--recall-sample", type=int, default=10000,
+    p.add_argument("--nlist", type=nonneg_int, default=0, help="IVF lists (default min(k/39, 4 sqrt(k)))")
+    p.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists visited per query (default 16)")
+    p.add_argument("--recall-sample", type=positive_int, default=10000,
                    help="rows on which --approx is compared with exact search (default 10000)")
-    p.add_argument("--target-recall", type=float, default=None,
+    p.add_argument("--target-recall", type=fraction_left_open, default=None,
                    help="with --approx: pick the smallest nprobe (1, 2, 4, ... nlist) whose recall@L "
                         "on the recall sample reaches this (e.g. 0.95); overrides --nprobe")
     p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto")
     p.add_argument("--cand-dtype", choices=["bfloat16", "float16", "tf32", "float32"], default=None,
                    help="torch backend candidate matmul precision (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu", action="store_true", help="use the GPU (faiss-gpu when importable, else torch)")
-    p.add_argument("--chunk", type=int, default=0,
+    p.add_argument("--chunk", type=nonneg_int, default=0,
                    help="rows searched at once (default: 4096 on CPU, where a chunk that stays in "
                         "cache between conversion and search measured ~8%% less CPU per row than "
                         "16384; 65536 on GPU)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads (default: all)")
     p.add_argument("--embedder", default=None, help="fail unless EMB was made with this embedder spec")
     p.add_argument("--overwrite", action="store_true", help="redo finished shards")
     p.add_argument("--no-stats", action="store_true", help="skip stats.json and cluster_sizes.png")
@@ -86,13 +88,15 @@ def load_centroids(path: str) -> tuple[np.ndarray, dict]:
     info = store.npy_info(path, "centroids")
     if len(info.shape) != 2 or info.dtype.kind != "f":
         raise MLCDError(f"{path}: centroids must be a float [k, d] array, got {info.shape} {info.dtype}")
-    c = np.load(path, allow_pickle=False).astype(np.float32)
+    c = safe_np_load(path, "centroids").astype(np.float32)
     if not np.isfinite(c).all():
         raise MLCDError(f"{path}: centroids hold NaN/inf")
     if (np.linalg.norm(c, axis=1) < 1e-12).any():
         raise MLCDError(f"{path}: centroid {int(np.flatnonzero(np.linalg.norm(c, axis=1) < 1e-12)[0])} has zero norm")
     meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
-    meta = load_json(meta_path) if os.path.exists(meta_path) else {}
+    meta = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else {}
+    json_field(meta, "embedder", str, meta_path, default=None, nullable=True)
+    json_field(meta, "embedder_info", dict, meta_path, default=None, nullable=True)
     return store.normalise(c), meta
 
 
@@ -289,8 +293,8 @@ def compute_stats(out: str, emb: store.EmbFolder, k: int, L: int, acc: LabelStat
     done = done or set()
     for sh in emb.shards:
         if sh.name not in done:
-            acc.add(np.load(os.path.join(out, f"{sh.name}.labels.npy")),
-                    np.load(os.path.join(out, f"{sh.name}.scores.npy")), store.load_cls(sh))
+            acc.add(safe_np_load(os.path.join(out, f"{sh.name}.labels.npy"), "labels"),
+                    safe_np_load(os.path.join(out, f"{sh.name}.scores.npy"), "scores"), store.load_cls(sh))
     return acc.result(), acc.top1
 
 
@@ -346,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
         faiss.omp_set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
+    # LBL/meta.json, keys files and temporaries are replaced or deleted: never in EMB or CL
+    check_out_separate("--out", args.out, [("--emb", args.emb), ("--centroids", args.centroids)])
     info = init_distributed(device="cuda" if args.gpu else None)
     emb = store.open_emb(args.emb, expect_embedder=args.embedder)
     cent, cmeta = load_centroids(args.centroids)
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(args.emb),
         "emb_shards": emb.meta.get("shards"), "embedder": emb.embedder, "embedder_info": emb.meta.get("embedder_info"),
         "threshold": args.threshold}
-    old = load_json(meta_path) if os.path.exists(meta_path) else None
+    old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
     differ = store.run_difference(old, settings) if old is not None else ""
     same_run = old is not None and not differ
     if old is not None and not same_run and not args.overwrite:

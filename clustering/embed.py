@@ -32,7 +32,8 @@ import numpy as np
 
 from clustering import store
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import load_json, remove_stale_tmp
+from mlcd_train.utils.args import nonneg_int, positive_int
+from mlcd_train.utils.io import check_out_separate, load_json, remove_stale_tmp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="embeddings folder EMB")
     p.add_argument("--model", required=True, help="open_clip:NAME | hf:PATH | mlcd:PATH | pca | pca:FILE.npz")
     p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag or local checkpoint file")
-    p.add_argument("--dim", type=int, default=64, help="pca: output dimension (default 64)")
-    p.add_argument("--image-size", type=int, default=32, help="pca: images resized to S x S (default 32)")
-    p.add_argument("--pca-fit-samples", type=int, default=5000,
+    p.add_argument("--dim", type=positive_int, default=64, help="pca: output dimension (default 64)")
+    p.add_argument("--image-size", type=positive_int, default=32, help="pca: images resized to S x S (default 32)")
+    p.add_argument("--pca-fit-samples", type=positive_int, default=5000,
                    help="pca: images the projection is fitted on (the first ones, default 5000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--workers", type=nonneg_int, default=4, help="DataLoader workers (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 on GPU instead of bf16 autocast")
     p.add_argument("--overwrite", action="store_true", help="redo finished shards (and a pca fit)")
@@ -116,6 +117,16 @@ def embed_group(embedder, group: list[str], out: str, batch_size: int, workers: 
     return counts
 
 
+def model_paths(model: str, pretrained: str | None) -> list[str]:
+    """The files or folders an embedder spec reads (``hf:PATH``, ``mlcd:PATH``, ``pca:FILE``,
+    an open_clip config ``.json`` or local ``--pretrained`` file)."""
+    kind, sep, arg = model.partition(":")
+    paths = [arg] if sep and arg and (kind in ("hf", "mlcd", "pca") or arg.endswith(".json")) else []
+    if pretrained and os.path.exists(pretrained):
+        paths.append(pretrained)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clustering.embedders import get_embedder
@@ -136,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                                 f"name, so embed the two folders into separate --out folders")
             seen[n] = s
     out = args.out
+    # EMB's files and temporaries are replaced or deleted: never in a shard or model folder
+    check_out_separate("--out", out, [("--shards", s) for s in sorted({os.path.dirname(s) for s in shards})]
+                       + [("--model", p) for p in model_paths(args.model, args.pretrained)])
     meta_path = os.path.join(out, store.META)
-    old = load_json(meta_path) if os.path.exists(meta_path) else None
+    old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
+    if old is not None:
+        store.check_meta({"dim": 1, "counts": {}, **old}, meta_path)
 
     opts = {"device": str(info.device) if args.device is None else args.device}
     if args.model.startswith("open_clip:"):

@@ -50,7 +50,8 @@ import numpy as np
 from clustering import store
 from clustering.search import TorchSearcher, faiss_has_gpu, pick_backend
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
+from mlcd_train.utils.args import nonneg_int, positive_int
+from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, check_out_separate, load_json
 
 DEFAULT_TWO_LEVEL_ABOVE = 65536
 
@@ -59,23 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlcd cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--emb", required=True, help="embeddings folder written by mlcd embed")
-    p.add_argument("--k", type=int, required=True, help="number of centres")
+    p.add_argument("--k", type=positive_int, required=True, help="number of centres")
     p.add_argument("--out", required=True, help="output folder (centroids.npy, meta.json)")
-    p.add_argument("--niter", type=int, default=20, help="Lloyd iterations (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the init and faiss (default 0)")
+    p.add_argument("--niter", type=nonneg_int, default=20, help="Lloyd iterations (default 20)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sample, the init and faiss (default 0)")
     p.add_argument("--init", choices=["random", "kmeans++"], default="random",
                    help="initial centres: k random training points, or k-means++ (default random)")
-    p.add_argument("--init-sample", type=int, default=0,
+    p.add_argument("--init-sample", type=nonneg_int, default=0,
                    help="points k-means++ runs on (default: min(n_train, max(4k, 20000)))")
-    p.add_argument("--max-points-per-centroid", type=int, default=256,
+    p.add_argument("--max-points-per-centroid", type=nonneg_int, default=256,
                    help="train on at most k*M points, seeded uniform sample, recorded (0 = all; default 256)")
     p.add_argument("--method", choices=["auto", "flat", "two-level", "distributed"], default="auto")
-    p.add_argument("--two-level-above", type=int, default=DEFAULT_TWO_LEVEL_ABOVE,
+    p.add_argument("--two-level-above", type=nonneg_int, default=DEFAULT_TWO_LEVEL_ABOVE,
                    help=f"--method auto picks two-level when k exceeds this (default {DEFAULT_TWO_LEVEL_ABOVE})")
     p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
                    help="auto: faiss-gpu if importable and a GPU is used, else torch on CUDA, else faiss-cpu")
     p.add_argument("--gpu", action="store_true", help="use the GPU (faiss-gpu when importable, else torch)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for faiss/torch (default: all)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads for faiss/torch (default: all)")
     p.add_argument("--embedder", default=None, help="fail unless EMB was made with this embedder spec")
     p.add_argument("--overwrite", action="store_true", help="redo when OUT already holds centres")
     return p
@@ -323,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
 
         faiss.omp_set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
+    # CL/meta.json is replaced: never EMB's own meta.json
+    check_out_separate("--out", args.out, [("--emb", args.emb)])
     info = init_distributed(device="cuda" if args.gpu else None)
     out_c = os.path.join(args.out, "centroids.npy")
     out_m = os.path.join(args.out, "meta.json")
     emb = store.open_emb(args.emb, expect_embedder=args.embedder)
     if os.path.exists(out_c) and os.path.exists(out_m) and not args.overwrite:
         # finished before: nothing to do if it was this run, a clear error if another
-        old = load_json(out_m)
+        old = load_json(out_m, expect=dict)
         asked = {"k": args.k, "emb": store.resolve(args.emb), "embedder": emb.embedder, "seed": args.seed,
                  "init": args.init, "niter": args.niter, "max_points_per_centroid": args.max_points_per_centroid,
                  "embedder_info": emb.meta.get("embedder_info")}

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import load_json
+from mlcd_train.utils.io import check_regular, json_counts, json_field, load_json, open_regular, safe_np_load
 
 META = "meta.json"
 
@@ -43,7 +43,7 @@ def npy_info(path: str | os.PathLike, what: str = "array") -> NpyInfo:
     """Header of a ``.npy`` file; MLCDError if missing, not a .npy, or truncated."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, what=f"{what} file") as f:
             try:
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
@@ -112,6 +112,7 @@ def open_emb(root: str | os.PathLike, expect_embedder: str | None = None) -> Emb
     meta = load_json(meta_path)
     if not isinstance(meta, dict) or "dim" not in meta or "counts" not in meta:
         raise MLCDError(f"{meta_path}: not an embeddings meta.json (needs 'dim' and 'counts'; written by mlcd embed)")
+    check_meta(meta, meta_path)
     if not meta.get("complete", True):
         raise MLCDError(f"{meta_path}: the embedding run in {root} did not finish (complete=false); rerun mlcd embed")
     if expect_embedder is not None and meta.get("embedder") != expect_embedder:
@@ -119,7 +120,7 @@ def open_emb(root: str | os.PathLike, expect_embedder: str | None = None) -> Emb
                         f"not {expect_embedder!r} as asked")
     d = int(meta["dim"])
     shards = []
-    for name, count in meta["counts"].items():
+    for name, count in meta["counts"].items():  # names checked: plain file names in ``root``
         p = os.path.join(root, f"{name}.npy")
         info = npy_info(p, "embeddings")
         if len(info.shape) != 2 or info.dtype not in (np.float16, np.float32) or info.fortran:
@@ -143,6 +144,19 @@ def open_emb(root: str | os.PathLike, expect_embedder: str | None = None) -> Emb
     if not shards:
         raise MLCDError(f"{meta_path}: lists no shards")
     return EmbFolder(root, meta, shards)
+
+
+def check_meta(meta: dict, path: str) -> dict:
+    """Types of an embeddings meta.json (as :func:`write_meta` writes it): MLCDError naming the
+    file and key for a value of another JSON type; shard names must be plain file names."""
+    if json_field(meta, "dim", int, path) < 1:
+        raise MLCDError(f"{path}: key 'dim' must be >= 1, found {meta['dim']}")
+    json_counts(json_field(meta, "counts", dict, path), path, "counts")
+    json_field(meta, "complete", bool, path, default=True)
+    json_field(meta, "embedder", str, path, default="")
+    json_field(meta, "embedder_info", dict, path, default=None, nullable=True)
+    json_field(meta, "shards", str, path, default=None, nullable=True)
+    return meta
 
 
 def _row_problems(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +261,7 @@ def gather(folder: EmbFolder, rows: np.ndarray, check: bool = True, chunk_rows: 
             for start, x in iter_chunks(sh, chunk_rows, check):
                 out[pos + start: pos + start + len(x)] = x
         else:
-            mm = np.load(sh.path, mmap_mode="r")
+            mm = safe_np_load(sh.path, "embeddings", mmap_mode="r")
             for s in range(0, len(local), chunk_rows):
                 idx = local[s: s + chunk_rows]
                 x = np.asarray(mm[idx], dtype=np.float32)
@@ -298,7 +312,7 @@ def copy_keys(shard: EmbShard, dest: str) -> None:
 def load_cls(shard: EmbShard) -> np.ndarray | None:
     if shard.cls_path is None:
         return None
-    return np.load(shard.cls_path, allow_pickle=False).astype(np.int64)
+    return safe_np_load(shard.cls_path, "classes").astype(np.int64)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -357,7 +371,7 @@ def file_fingerprint(path: str | os.PathLike) -> str | None:
     h = hashlib.blake2b(digest_size=16)
     for f in files:
         h.update(os.path.basename(f).encode() + b"\0")
-        with open(f, "rb") as fh:
+        with open_regular(f, what="weights file") as fh:  # a FIFO named x.pt would block
             while block := fh.read(8 << 20):
                 h.update(block)
     return h.hexdigest()

@@ -42,7 +42,8 @@ import torch
 
 from mlcd_train.export import build_and_load, load_native, resolve_config, save_native
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import load_json
+from mlcd_train.utils.args import positive_int
+from mlcd_train.utils.io import check_out_separate, json_field, load_json
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -252,6 +253,10 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
                   overwrite: bool = False, verify: bool = True) -> dict:
     """Write a Hugging Face directory for a native export; returns the report (config, checks)."""
     out = Path(out_dir)
+    # the output folder is replaced as a whole (--overwrite): it must not hold the export
+    check_out_separate("--pytorch_dump_folder_path", out,
+                       [("--checkpoint_path", checkpoint_path),
+                        ("--checkpoint_path", Path(checkpoint_path).with_suffix(".json"))], replaces_out=True)
     if out.exists() and not overwrite:
         raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
     sd, meta = load_native(checkpoint_path)
@@ -297,7 +302,7 @@ def _read_hf_config(hf_dir: Path) -> dict:
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise MLCDError(f"{hf_dir}: not a Hugging Face model folder (no config.json)")
-    return load_json(cfg_path)
+    return load_json(cfg_path, expect=dict)
 
 
 @contextlib.contextmanager
@@ -316,7 +321,7 @@ def _hf_weight_keys(hf_dir: Path) -> Optional[list[str]]:
     """Tensor names of a Hugging Face folder's safetensors weights (None if not safetensors)."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        return list(load_json(index).get("weight_map", {}))
+        return list(json_field(load_json(index, expect=dict), "weight_map", dict, index, default={}))
     single = hf_dir / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open
@@ -335,7 +340,7 @@ def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Opti
 
     hf_dir = Path(hf_dir)
     raw = _read_hf_config(hf_dir)
-    model_type = raw.get("model_type")
+    model_type = json_field(raw, "model_type", str, hf_dir / "config.json", default=None, nullable=True)
     if model_type == "mlcd_vision_model":
         hf_cls, pos_embed = transformers.MLCDVisionModel, "rope2d"
     elif model_type in ("clip_vision_model", "clip"):
@@ -422,10 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "when present) or an mlcd trainer checkpoint model.pt")
     p.add_argument("--pytorch_dump_folder_path", "--pytorch-dump-folder-path", "--out_dir",
                    help="Hugging Face output directory (written through a temporary folder)")
-    p.add_argument("--image_size", "--image-size", type=int, default=None,
+    p.add_argument("--image_size", "--image-size", type=positive_int, default=None,
                    help="input size in pixels; needed for a RoPE2D checkpoint without sidecar, must match the "
                         "position table for absolute positions (default: from the sidecar or the tensors)")
-    p.add_argument("--num_heads", "--num-heads", type=int, default=None,
+    p.add_argument("--num_heads", "--num-heads", type=positive_int, default=None,
                    help="attention heads (default: sidecar; RoPE2D: width / (2 * len(class_pos_emb)); "
                         "abs: width / 64)")
     p.add_argument("--act", choices=("gelu", "quick_gelu"), default=None,
@@ -447,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out:
             parser.error("--from-hf needs --out X.pt")
         out = Path(args.out)
+        # X.pt and its sidecar X.json are written beside each other: never into the HF folder
+        check_out_separate("--out", out, [("--from-hf", args.from_hf)], out_is_file=True, recursive=("--from-hf",))
         if out.exists() and not args.overwrite:
             raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
         model = import_from_hf(args.from_hf, verify=not args.no_verify)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -31,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from mlcd_train.utils.args import fraction_open, nonneg_int, positive_float, positive_int
 from mlcd_train.utils.errors import MLCDError
 
 DEFAULT_L2_GRID = tuple(float(x) for x in np.logspace(-6, 1, 8))
@@ -239,7 +241,7 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
     another key is cleared, so features are reused only for the very shards they were made of."""
     import shutil
 
-    from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, load_json
+    from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, json_field, load_json
 
     spec = _canonical_spec(spec)
     fdir = os.path.join(out, "features", embedder_slug(spec))
@@ -247,7 +249,8 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
     info_path = os.path.join(fdir, "embedder.json")
     info = {"spec": spec}
     if os.path.exists(info_path):
-        old = load_json(info_path)
+        old = load_json(info_path, expect=dict)
+        json_field(old, "spec", str, info_path, default=None, nullable=True)
         if old.get("spec") != spec and not args.overwrite_features:
             raise MLCDError(f"{info_path}: cached features of {old.get('spec')!r}, not {spec!r}")
         if old.get("spec") == spec:
@@ -268,7 +271,7 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
             atomic_save_json(info_path, info)
         elif os.path.exists(xp) and os.path.exists(yp) and not args.overwrite_features:
             print(f"mlcd probe: {split} features cached in {xp}", file=sys.stderr)
-            data[split] = (np.load(xp, allow_pickle=False), np.load(yp, allow_pickle=False))
+            data[split] = _load_cached(xp, yp)
             continue
         split_spec = spec
         if spec == "pca" and split == "test":  # the projection fitted on the training split
@@ -279,6 +282,38 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
         atomic_save_npy(yp, y.astype(np.int64))
         data[split] = (x, y)
     return fdir, data
+
+
+def _load_cached(xp: str, yp: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cached features [n, d] float and classes [n] (non-negative ints), never unpickled."""
+    from mlcd_train.utils.io import safe_np_load
+
+    x, y = safe_np_load(xp, "features"), safe_np_load(yp, "classes")
+    if x.ndim != 2 or x.dtype.kind != "f":
+        raise MLCDError(f"{xp}: cached features should be a float [n, d] array, found {x.dtype} {x.shape}")
+    if y.shape != (len(x),) or y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise MLCDError(f"{yp}: cached classes should be {len(x)} non-negative integers, found {y.dtype} {y.shape}")
+    return x, y
+
+
+def check_probe_folders(args) -> None:
+    """The probe writes OUT/probe-*.json (or --json) and clears and refills OUT/features/...:
+    neither may be a folder it reads (the shard folders, the embedder's weights)."""
+    from mlcd_train.data.reader import list_shards
+    from mlcd_train.utils.io import check_out_separate
+
+    inputs = []
+    for option, src in (("--train", args.train), ("--test", args.test)):
+        inputs += [(option, d) for d in sorted({os.path.dirname(s) for s in list_shards(src)})]
+    kind, sep, arg = args.embedder.partition(":")
+    if sep and arg and kind in ("hf", "mlcd", "pca"):
+        inputs.append(("--embedder", arg))
+    if args.pretrained and os.path.exists(args.pretrained):
+        inputs.append(("--pretrained", args.pretrained))
+    check_out_separate("--out", args.out, inputs)
+    check_out_separate("--out", os.path.join(args.out, "features"), inputs, replaces_out=True)
+    if args.json:
+        check_out_separate("--json", args.json, inputs, out_is_file=True)
 
 
 def _classes_file(shards: str) -> str | None:
@@ -320,20 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: features/<embedder>/, probe-<embedder>.json")
     p.add_argument("--json", default=None, help="result file (default OUT/probe-<embedder-slug>.json)")
     p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag or local checkpoint file")
-    p.add_argument("--pca-dim", type=int, default=64, help="pca: output dimension (default 64)")
-    p.add_argument("--pca-image-size", type=int, default=32, help="pca: image side in pixels (default 32)")
-    p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote (default 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(sim/T) (default 0.07)")
+    p.add_argument("--pca-dim", type=positive_int, default=64, help="pca: output dimension (default 64)")
+    p.add_argument("--pca-image-size", type=positive_int, default=32, help="pca: image side in pixels (default 32)")
+    p.add_argument("--knn-k", type=positive_int, default=20, help="neighbours that vote (default 20)")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="k-NN vote weight exp(sim/T) (default 0.07)")
     p.add_argument("--l2-grid", default=",".join(f"{v:g}" for v in DEFAULT_L2_GRID),
                    help="comma-separated L2 strengths swept on the held-out part (default 1e-6..10, log-spaced)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=fraction_open, default=0.2,
                    help="fraction of the training split held out to choose the L2 strength (default 0.2)")
-    p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    p.add_argument("--max-iter", type=positive_int, default=500, help="L-BFGS iterations per fit (default 500)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the held-out split (default 0)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("--no-knn", action="store_true", help="skip k-NN")
-    p.add_argument("--batch-size", type=int, default=256, help="embedding batch size (default 256)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers while embedding (default 2)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="embedding batch size (default 256)")
+    p.add_argument("--workers", type=nonneg_int, default=2, help="DataLoader workers while embedding (default 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite-features", action="store_true",
                    help="re-embed even when cached features exist (e.g. the checkpoint changed)")
@@ -345,8 +380,9 @@ def run_probe(args) -> dict:
         grid = [float(v) for v in args.l2_grid.split(",") if v.strip()]
     except ValueError:
         raise MLCDError(f"--l2-grid {args.l2_grid!r}: expected comma-separated numbers") from None
-    if not grid or any(v < 0 for v in grid):
-        raise MLCDError(f"--l2-grid {args.l2_grid!r}: needs one or more non-negative numbers")
+    if not grid or any(not math.isfinite(v) or v < 0 for v in grid):
+        raise MLCDError(f"--l2-grid {args.l2_grid!r}: needs one or more finite non-negative numbers")
+    check_probe_folders(args)
     t0 = time.perf_counter()
     fdir, data = features_for(args.embedder, args.train, args.test, args.out, args)
     (xtr, ytr), (xte, yte) = data["train"], data["test"]

@@ -103,3 +103,107 @@ def test_partial_fc_and_embeddings_never_unpickle(tmp_path):
     with pytest.raises(MLCDError, match="obj.npy"):
         safe_np_load(tmp_path / "obj.npy")
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------- helpers
+
+def _stage(name, argv, capsys):
+    """(exit status, stderr) of ``mlcd NAME ARGV`` as the command runs it (MLCDError -> 2)."""
+    from mlcd_train.cli import run_stage
+
+    capsys.readouterr()
+    rc = run_stage(name, [str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def _emb(root, **kw):
+    from tests.test_cluster import make_mixture_emb
+
+    make_mixture_emb(root, n_shards=2, n=60, d=8, k=4, **kw)
+    return root
+
+
+def _centroids(tmp_path, emb_root):
+    from clustering import kmeans
+
+    cl = tmp_path / "cl"
+    assert kmeans.main(["--emb", str(emb_root), "--k", "4", "--out", str(cl), "--threads", "1", "--niter", "2"]) == 0
+    return cl
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+# ----------------------------------------------------------------------- 2. paths from data
+
+def test_shard_names_from_meta_files_stay_in_their_folder(tmp_path, capsys):
+    """A shard name ``../elsewhere/evil`` in EMB/meta.json made assign write outside --out and
+    delete a file there; names in sizes.json, the shards progress file and list files too."""
+    from clustering import store
+
+    emb = _emb(tmp_path / "emb")
+    cl = _centroids(tmp_path, emb)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for suffix in (".npy", ".keys.npy", ".cls.npy"):  # a valid shard, reachable only through ..
+        shutil.copy(emb / f"part-000000{suffix}", elsewhere / f"evil{suffix}")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "evil.keys.npy").write_bytes(b"precious")
+    meta = json.loads((emb / "meta.json").read_text())
+    meta["counts"] = {"../elsewhere/evil": 60}
+    (emb / "meta.json").write_text(json.dumps(meta))
+    rc, err = _stage("assign", ["--emb", emb, "--centroids", cl / "centroids.npy", "--topk", "2",
+                                "--out", tmp_path / "lbl" / "x", "--threads", "1"], capsys)
+    assert rc == 2 and "emb/meta.json" in err and "'../elsewhere/evil' is not a plain file name" in err
+    assert not list(tmp_path.glob("**/evil.labels.npy"))
+    rc, err = _stage("assign", ["--emb", emb, "--centroids", cl / "centroids.npy", "--topk", "2",
+                                "--out", victim / "sub", "--overwrite", "--threads", "1"], capsys)
+    assert rc == 2 and (victim / "evil.keys.npy").read_bytes() == b"precious"
+    with pytest.raises(MLCDError, match="meta.json: shard name"):
+        store.open_emb(emb)
+
+    # sizes.json of a shard folder names the tars every reader opens
+    from mlcd_train.data.reader import list_shards, read_sizes
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (tmp_path / "outside.tar").write_bytes(b"")
+    (shards / "sizes.json").write_text(json.dumps({"../outside.tar": 1}))
+    with pytest.raises(MLCDError, match=r"shards/sizes.json: shard name '../outside.tar'"):
+        list_shards(shards)
+    (shards / "a.tar").write_bytes(b"")
+    (shards / "sizes.json").write_text(json.dumps({"a.tar": "many"}))
+    with pytest.raises(MLCDError, match=r"sizes.json: count of 'a.tar'"):
+        read_sizes([str(shards / "a.tar")])
+
+
+def test_list_file_entries_stay_in_the_list_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from mlcd_train.data import shards
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "data" / "in.png")
+    Image.new("RGB", (4, 4), "blue").save(tmp_path / "secret.png")
+    lst = tmp_path / "data" / "list.txt"
+    lst.write_text(f"in.png\n../secret.png\n{tmp_path / 'secret.png'}\n")
+    out = tmp_path / "out"
+    assert shards.main(["--input", str(lst), "--out", str(out)]) == 0
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [s["reason"].split(" (")[0] for s in skipped] == [f"outside {tmp_path / 'data'}"] * 2
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 1}
+    # --list-root widens the folder on purpose
+    assert shards.main(["--input", str(lst), "--out", str(tmp_path / "out2"), "--list-root", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "out2" / "sizes.json").read_text()) == {"shard-000000.tar": 3}
+
+
+def test_shards_progress_file_names_are_checked(tmp_path):
+    from mlcd_train.data import shards
+
+    with pytest.raises(MLCDError, match=r"progress.json: shard name '../../x.tar'"):
+        p = tmp_path / "progress.json"
+        p.write_text(json.dumps({"signature": "s", "shards": [{"name": "../../x.tar", "count": 1, "consumed": 1}],
+                                 "skipped": []}))
+        shards._read_progress(p, "shard")

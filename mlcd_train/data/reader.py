@@ -106,9 +106,9 @@ def _expand_one(src: str) -> list[str]:
     if p.is_dir():
         sizes = p / "sizes.json"
         if sizes.is_file():
-            from mlcd_train.utils.io import load_json
+            from mlcd_train.utils.io import json_counts, load_json
 
-            names = list(load_json(sizes))
+            names = list(json_counts(load_json(sizes), sizes))  # plain file names: stay in ``p``
             missing = [n for n in names if not (p / n).is_file()]
             if missing:
                 raise MLCDError(f"{p / missing[0]}: listed in {sizes} but missing")
@@ -148,7 +148,7 @@ def count_records(path: str) -> int:
 
 def read_sizes(shards: Iterable[str]) -> dict[str, int]:
     """{shard path: sample count} from each folder's ``sizes.json``; tars it does not list are counted."""
-    from mlcd_train.utils.io import load_json
+    from mlcd_train.utils.io import json_counts, load_json
 
     cache: dict[str, dict] = {}
     out = {}
@@ -156,7 +156,7 @@ def read_sizes(shards: Iterable[str]) -> dict[str, int]:
         folder, name = os.path.split(s)
         if folder not in cache:
             f = os.path.join(folder, "sizes.json")
-            cache[folder] = load_json(f) if os.path.isfile(f) else {}
+            cache[folder] = json_counts(load_json(f), f) if os.path.isfile(f) else {}
         n = cache[folder].get(name)
         out[s] = int(n) if n is not None else count_records(s)
     return out
@@ -186,12 +186,19 @@ def _iter_members(path: str, start: int = 0, step: int = 1,
     """Yield (sample number, key, ext, bytes or None) for every regular member.  Only wanted
     members (images, cls) of the samples ``start, start + step, ...`` are read; the others are
     passed over unread (bytes None)."""
+    from mlcd_train.utils.io import open_regular
+
     try:
-        tf = tarfile.open(path, mode="r:")
+        raw = open_regular(path, what="shard")  # a FIFO or device named x.tar is never read
     except FileNotFoundError:
         raise MLCDError(f"{path}: shard not found") from None
+    try:
+        tf = tarfile.open(fileobj=raw, mode="r:")
+    except BaseException:
+        raw.close()
+        raise
     f = tf.fileobj
-    with tf:
+    with raw, tf:
         n, last = -1, None
         while True:
             ti = tf.next()
@@ -205,6 +212,9 @@ def _iter_members(path: str, start: int = 0, step: int = 1,
                 n, last = n + 1, key
             data = None
             if read and ext in _WANTED and n >= start and (n - start) % step == 0:
+                if ti.size > MAX_MEMBER_BYTES:  # checked before a byte is read
+                    yield n, key, TOO_LARGE, str(ti.size).encode()
+                    continue
                 if ti.sparse is None:  # a plain member: its bytes lie at offset_data
                     f.seek(ti.offset_data)
                     data = f.read(ti.size)
@@ -217,6 +227,9 @@ def _iter_members(path: str, start: int = 0, step: int = 1,
 
 
 CUT_SHORT = "__cut_short__"  # member marking the sample a broken shard ended in
+TOO_LARGE = "__too_large__"  # member marking a sample with a member over MAX_MEMBER_BYTES
+#: no image member is read past this size (a tar header may claim any size): the sample is corrupt
+MAX_MEMBER_BYTES = 256 << 20
 
 
 def iter_records(path: str, start: int = 0, step: int = 1,
@@ -255,6 +268,8 @@ def decode_record(members: dict) -> tuple[Any, Optional[int]]:
 
     if CUT_SHORT in members:
         raise CorruptSample("in a shard cut short")
+    if TOO_LARGE in members:
+        raise CorruptSample(f"member too large ({members[TOO_LARGE].decode()} bytes, limit {MAX_MEMBER_BYTES})")
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         raise CorruptSample("no image member")

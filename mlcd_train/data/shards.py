@@ -12,7 +12,9 @@ Sources (``--format auto`` guesses from ``--input``):
   or [n, h, w, c] with c = 1, 3 or 4) are stored as PNG.
 - ``list``: a text file with ``path`` or ``path<TAB>class`` per line (relative paths are
   relative to the list file; blank lines and ``#`` comments are ignored).  Classes that are
-  all integers are used as ids; otherwise names are numbered in sorted order.
+  all integers are used as ids; otherwise names are numbered in sorted order.  Every path
+  must lie inside the list file's folder (or ``--list-root DIR``): others are skipped and
+  reported, never read.
 - ``sample`` / ``sample:test``: the shipped Fashion-MNIST sample (train / test split);
   ``fashion-mnist`` / ``fashion-mnist:test``: the full set of the Debian package
   ``dataset-fashion-mnist``.
@@ -31,7 +33,8 @@ Output in ``--out DIR`` (see docs/architecture.md, "Shards"):
   with the reason), ``classes.json`` (class id -> name, when names are known).
 
 Every image is decoded once to check it: an empty, unreadable, truncated or non-image file
-is skipped and reported, never fatal.  Images above ``--max-image-pixels`` are skipped too
+is skipped and reported, never fatal; so is anything but a regular file (a FIFO, a link to a
+device) and a file over 512 MB, neither of which is read.  Images above ``--max-image-pixels`` are skipped too
 (decompression bombs).  The same input and options give byte-identical shards (fixed order,
 fixed tar metadata).  Each shard is written to a temporary name and renamed when complete;
 an interrupted run started again with the same input and options resumes after the last
@@ -57,7 +60,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_open, atomic_save_json, load_json, remove_stale_tmp
+from mlcd_train.utils.args import nonneg_int, positive_int
+from mlcd_train.utils.io import (UnsafeFile, atomic_open, atomic_save_json, check_name, check_out_separate, inside,
+                                 json_field, load_json, open_regular, read_regular, remove_stale_tmp)
 from mlcd_train.utils.progress import progress
 
 #: file extensions treated as images when reading a folder or a list file
@@ -71,6 +76,12 @@ DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_MAX_BYTES = 1_000_000_000
 TAR_MTIME = 0  # fixed tar metadata -> byte-identical shards
 PROGRESS_FILE = ".shards-progress.json"
+#: an image file larger than this is skipped unread (PIL's pixel bound applies after decoding)
+MAX_IMAGE_FILE_BYTES = 512 << 20
+#: an IDX file whose header declares more data than this is refused before it is decompressed
+MAX_IDX_BYTES = 4 << 30
+#: a list file larger than this is refused unread
+MAX_LIST_BYTES = 1 << 30
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -91,36 +102,51 @@ class Item:
 
 # ----------------------------------------------------------------------------- IDX
 
-def _open_maybe_gz(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise MLCDError(f"{path}: corrupt gzip file ({exc})") from None
-    return data
+def read_idx(path: str | os.PathLike, max_bytes: int | None = None) -> np.ndarray:
+    """Read an IDX file (MNIST format, gzip or raw) into a numpy array.
 
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (MNIST format, gzip or raw) into a numpy array."""
+    Only a regular file is read.  The header is read first: a file declaring more than
+    ``max_bytes`` (default :data:`MAX_IDX_BYTES`) of data is refused, and a gzip file is
+    decompressed as a stream that stops one byte past what the header declares, so a small
+    file expanding to gigabytes (a gzip bomb) is never held in memory."""
     path = Path(path)
+    limit = MAX_IDX_BYTES if max_bytes is None else max_bytes
     try:
-        data = _open_maybe_gz(path)
+        with open_regular(path, what="IDX file") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+            try:
+                head = f.read(4)
+                if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                    raise MLCDError(f"{path}: not an IDX file (bad magic number)")
+                ndim = head[3]
+                dims = f.read(4 * ndim)
+                if ndim == 0 or len(dims) < 4 * ndim:
+                    raise MLCDError(f"{path}: not an IDX file (bad header)")
+                shape = struct.unpack(f">{ndim}I", dims)
+                dtype = np.dtype(_IDX_DTYPES[head[2]])
+                expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if expected > limit:
+                    raise MLCDError(f"{path}: IDX header declares {shape} {dtype} ({expected} bytes), over the "
+                                    f"limit of {limit} bytes; refused before reading it")
+                if not gz:
+                    size = os.fstat(raw.fileno()).st_size
+                    if size != 4 + 4 * ndim + expected:
+                        raise MLCDError(f"{path}: truncated or oversized IDX file ({size - 4 - 4 * ndim} bytes "
+                                        f"of data, header {shape} needs {expected})")
+                body = f.read(expected + 1)  # one byte more tells an oversized file
+            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                if not gz:
+                    raise
+                raise MLCDError(f"{path}: corrupt gzip file ({exc})") from None
+    except UnsafeFile:
+        raise
     except OSError as exc:
         raise MLCDError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise MLCDError(f"{path}: not an IDX file (bad magic number)")
-    ndim = data[3]
-    if ndim == 0 or len(data) < 4 + 4 * ndim:
-        raise MLCDError(f"{path}: not an IDX file (bad header)")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    body = data[4 + 4 * ndim:]
-    expected = int(np.prod(shape)) * dtype.itemsize
     if len(body) != expected:
-        raise MLCDError(f"{path}: truncated or oversized IDX file ({len(body)} bytes of data, "
-                        f"header {shape} needs {expected})")
+        raise MLCDError(f"{path}: truncated or oversized IDX file ({len(body)}{'+' if len(body) > expected else ''} "
+                        f"bytes of data, header {shape} needs {expected})")
     return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
@@ -150,9 +176,9 @@ def _is_idx_file(path: Path) -> bool:
     if re.search(r"idx\d-ubyte(\.gz)?$", path.name):
         return True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, what="file") as f:
             head = f.read(4)
-    except OSError:
+    except (OSError, UnsafeFile):
         return False
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and 1 <= head[3] <= 4
 
@@ -188,7 +214,7 @@ def _idx_items(images_path: Path, class_names: Optional[dict] = None) -> tuple[l
     if class_names is None:
         beside = images_path.with_name("classes.json")
         if beside.is_file():
-            class_names = {int(k): v for k, v in load_json(beside).items()}
+            class_names = load_classes(beside)[1]
     stem = re.split(r"[-_.]images", images_path.name)[0] or "idx"
     stem = _sanitize(stem)
     width = max(6, len(str(len(images) - 1)))
@@ -210,9 +236,10 @@ def _sanitize(text: str) -> str:
 
 def _file_loader(path: Path) -> Callable[[], tuple[str, bytes]]:
     def load():
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
+        try:  # a FIFO, a device (a link to /dev/zero) or a huge file is skipped, never read
+            data = read_regular(path, MAX_IMAGE_FILE_BYTES, "image file")
+        except UnsafeFile as exc:
+            raise _Skip(exc.reason) from None
         except OSError as exc:
             raise _Skip(f"unreadable file ({exc.strerror or exc})") from None
         return path.suffix.lower().lstrip("."), data
@@ -307,12 +334,18 @@ def _folder_items(root: Path, skipped: list, given: Optional[tuple[Path, dict]] 
     return items, names
 
 
-def _list_items(list_path: Path, skipped: list, given: Optional[tuple[Path, dict]] = None
-                ) -> tuple[list[Item], Optional[dict]]:
+def _list_items(list_path: Path, skipped: list, given: Optional[tuple[Path, dict]] = None,
+                root: Optional[Path] = None) -> tuple[list[Item], Optional[dict]]:
+    """Items of a list file.  Every entry must lie inside ``root`` (default: the list file's
+    folder), judged on the path as written, normalised: an entry outside it (``../x``,
+    ``/etc/x``) is skipped and reported, never read."""
     try:
-        text = list_path.read_text(encoding="utf-8")
+        text = read_regular(list_path, MAX_LIST_BYTES, "list file").decode("utf-8")
+    except UnsafeFile:
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise MLCDError(f"{list_path}: cannot read list file ({exc})") from None
+    root = Path(os.path.normpath(os.path.abspath(root if root is not None else list_path.parent)))
     entries = []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.rstrip("\r")
@@ -321,9 +354,12 @@ def _list_items(list_path: Path, skipped: list, given: Optional[tuple[Path, dict
         parts = line.split("\t")
         if len(parts) > 2:
             raise MLCDError(f"{list_path}:{lineno}: expected 'path' or 'path<TAB>class', got {len(parts)} fields")
+        if "\0" in parts[0]:
+            raise MLCDError(f"{list_path}:{lineno}: NUL character in a path")
         p = Path(parts[0].strip())
         if not p.is_absolute():
             p = list_path.parent / p
+        p = Path(os.path.normpath(os.path.abspath(p)))
         entries.append((p, parts[1].strip() if len(parts) == 2 and parts[1].strip() else None))
     classes = [c for _, c in entries if c is not None]
     names = None
@@ -351,7 +387,10 @@ def _list_items(list_path: Path, skipped: list, given: Optional[tuple[Path, dict
     items = []
     for key, (p, c) in zip(_unique_keys(raw_keys), entries):
         loader = _file_loader(p)
-        if p.suffix.lower().lstrip(".") not in IMAGE_EXTS:
+        if not (inside(p, root) or inside(os.path.realpath(p), os.path.realpath(root))):
+            loader = _skip_loader(f"outside {root} (list entries must stay inside the list file's folder "
+                                  "or --list-root)")
+        elif p.suffix.lower().lstrip(".") not in IMAGE_EXTS:
             loader = _skip_loader("not an image file extension")
         elif not p.is_file():
             loader = _skip_loader("file not found" if not p.exists() else "not a regular file")
@@ -422,13 +461,14 @@ def resolve_input(spec: str, fmt: str) -> tuple[str, Path, Optional[dict]]:
 
 
 def collect_items(fmt: str, path: Path, names: Optional[dict], skipped: list,
-                  given: Optional[tuple[Path, dict]] = None) -> tuple[list[Item], Optional[dict]]:
+                  given: Optional[tuple[Path, dict]] = None, list_root: Optional[Path] = None
+                  ) -> tuple[list[Item], Optional[dict]]:
     """Items and class names; ``given`` = ``load_classes(--classes)`` numbers the classes."""
     if fmt == "idx":
         return _idx_items(path, given[1] if given is not None else names)
     if fmt == "folder":
         return _folder_items(path, skipped, given)
-    return _list_items(path, skipped, given)
+    return _list_items(path, skipped, given, list_root)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -508,15 +548,42 @@ def _remove_old_shards(out: Path, prefix: str, keep: set) -> None:
                 old.unlink()
 
 
+def _read_progress(path: Path, prefix: str) -> dict:
+    """The progress file of an interrupted run, its types and shard names checked (an
+    MLCDError names the file and key): names are this run's PREFIX-NNNNNN.tar, nothing else."""
+    state = load_json(path, expect=dict)
+    json_field(state, "signature", str, path)
+    shards = json_field(state, "shards", list, path)
+    for d in shards:
+        if not isinstance(d, dict):
+            raise MLCDError(f"{path}: key 'shards' should hold objects {{name, count, consumed}}")
+        name = check_name(json_field(d, "name", str, path), path, "shard name")
+        if not re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", name):
+            raise MLCDError(f"{path}: shard name {name!r} is not a {prefix}-NNNNNN.tar of this run")
+        for key in ("count", "consumed"):
+            if json_field(d, key, int, path) < 0:
+                raise MLCDError(f"{path}: key {key!r} of {name} is negative")
+    for d in json_field(state, "skipped", list, path):
+        if not isinstance(d, dict):
+            raise MLCDError(f"{path}: key 'skipped' should hold objects {{path, reason}}")
+    return state
+
+
 def write_shards(args) -> dict:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     out = Path(args.out)
     fmt, path, names = resolve_input(args.input, args.format)
+    # the shards, sizes.json, classes.json and temporaries go to --out: never into the folder
+    # an input is read from (a folder input: nor anywhere below it, it is read recursively)
+    check_out_separate("--out", out, [("--input", path), ("--classes", getattr(args, "classes", None))],
+                       recursive=("--input",) if fmt == "folder" else ())
     given = load_classes(args.classes) if getattr(args, "classes", None) else None
     listing_skipped: list[dict] = []
-    items, names = collect_items(fmt, path, names, listing_skipped, given)
+    list_root = getattr(args, "list_root", None)
+    items, names = collect_items(fmt, path, names, listing_skipped, given,
+                                 Path(list_root).expanduser() if list_root else None)
     if not items:
         raise MLCDError(f"{path}: no image files found" + (
             f" ({len(listing_skipped)} other files, e.g. {listing_skipped[0]['path']})" if listing_skipped else ""))
@@ -530,7 +597,7 @@ def write_shards(args) -> dict:
     done, skipped, start = [], list(listing_skipped), 0
     progress_path = out / PROGRESS_FILE
     if progress_path.exists() and not (out / "sizes.json").exists():
-        state = load_json(progress_path)
+        state = _read_progress(progress_path, args.prefix)
         if state.get("signature") == sig and all((out / d["name"]).is_file() for d in state["shards"]):
             done, skipped = state["shards"], state["skipped"]
             start = done[-1]["consumed"] if done else 0
@@ -617,16 +684,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards")
     ap.add_argument("--format", choices=["auto", "folder", "idx", "list"], default="auto",
                     help="input format (default: guessed from SRC)")
-    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+    ap.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE, metavar="N",
                     help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
-    ap.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="B",
+    ap.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES, metavar="B",
                     help=f"start a new shard before one would exceed B bytes (default {DEFAULT_MAX_BYTES})")
     ap.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     ap.add_argument("--order", choices=["shuffled", "sorted"], default="shuffled",
                     help="sample order in the shards: a seeded shuffle (default; class folders get mixed) "
                          "or the source order (sorted paths / IDX order / list order)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of --order shuffled (default 0)")
-    ap.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="P",
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of --order shuffled (default 0)")
+    ap.add_argument("--max-image-pixels", type=nonneg_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="P",
                     help=f"skip images with more than P pixels (PIL.Image.MAX_IMAGE_PIXELS; default "
                          f"{DEFAULT_MAX_IMAGE_PIXELS}, 0 = no bound).  The reader keeps Pillow's default, "
                          f"which refuses images above {2 * DEFAULT_MAX_IMAGE_PIXELS} pixels: with a larger P "
@@ -635,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classes", default=None, metavar="PATH",
                     help="number classes by this classes.json (e.g. the training split's), so that every "
                          "split gets the same ids; a class not in it is an error")
+    ap.add_argument("--list-root", default=None, metavar="DIR",
+                    help="list input: entries must lie inside DIR (default: the list file's folder); "
+                         "entries outside it are skipped and reported, never read")
     return ap
 
 
