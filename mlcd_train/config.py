@@ -58,6 +58,10 @@ class AugConfig:
     scale: list = field(default_factory=lambda: [0.4, 1.0])
     ratio: list = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     flip: bool = True
+    rand_augment: int = 0               # RandAugment operations per image (0: off; the authors use 2)
+    rand_augment_magnitude: int = 9     # RandAugment magnitude, 0-30 (the authors' 9)
+    color_jitter: float = 0.0           # brightness / contrast / saturation strength (0: off; the authors' 0.4)
+    random_erasing: float = 0.0         # probability of erasing one random box (0: off; the authors' 0.25)
     mean: list = field(default_factory=lambda: list(CLIP_MEAN))
     std: list = field(default_factory=lambda: list(CLIP_STD))
 
@@ -81,6 +85,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "ViT-B-32-224"            # a preset of mlcd_train.models.list_models()
     overrides: dict = field(default_factory=dict)  # passed to create_model(name, **overrides)
+    drop_path: Optional[float] = None   # stochastic depth rate (ViT and ResNet); None: the preset's (0)
     grad_checkpointing: bool = False
     compile: bool = False               # torch.compile the backbone
 
@@ -172,7 +177,7 @@ def _unknown(key: str) -> MLCDError:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; convert int -> float where harmless."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):  # types.UnionType: 3.10+
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
@@ -399,6 +404,18 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
           f"expected [min, max] with 0 < min <= max, got {d.aug.ratio!r}")
     _need(len(d.aug.mean) == 3 and len(d.aug.std) == 3, "data.aug.mean",
           "data.aug.mean and data.aug.std need 3 values each")
+    _need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d.aug.mean),
+          "data.aug.mean", f"expected 3 finite numbers, got {d.aug.mean!r}")
+    _need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+              for v in d.aug.std), "data.aug.std", f"expected 3 positive finite numbers, got {d.aug.std!r}")
+    _need(0 <= d.aug.rand_augment <= 16, "data.aug.rand_augment", f"must be in [0, 16], got {d.aug.rand_augment}")
+    _need(0 <= d.aug.rand_augment_magnitude <= 30, "data.aug.rand_augment_magnitude",
+          f"must be in [0, 30], got {d.aug.rand_augment_magnitude}")
+    _need(0.0 <= d.aug.color_jitter <= 1.0, "data.aug.color_jitter", f"must be in [0, 1], got {d.aug.color_jitter}")
+    _need(0.0 <= d.aug.random_erasing <= 1.0, "data.aug.random_erasing",
+          f"must be in [0, 1], got {d.aug.random_erasing}")
+    _need(cfg.model.drop_path is None or 0.0 <= cfg.model.drop_path < 1.0, "model.drop_path",
+          f"must be in [0, 1), got {cfg.model.drop_path}")
     if lo.name == "unicom":
         _need(lo.l == 1, "loss.l", f"the unicom loss uses one positive per image: set loss.l=1 (got {lo.l})")
     if d.synthetic:

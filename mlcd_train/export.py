@@ -138,6 +138,10 @@ def infer_config(state_dict: dict, where: str = "checkpoint", *, image_size: Opt
     there (heads = width / (2 * its length)), else learned absolute positions (image size
     from the position table, heads = width / 64 as in CLIP); activation ``gelu``.  Arguments
     override (and for abs, ``image_size`` must agree with the table)."""
+    if "fc.weight" in state_dict or "layer1.0.conv1.weight" in state_dict:
+        raise MLCDError(f"{where}: a ResNet state dict; its shape is read from the .json sidecar that "
+                        "`mlcd export` writes beside it (keep X.json next to X.pt)")
+
     def need(key):
         if key not in state_dict:
             raise MLCDError(f"{where}: not an MLCD/CLIP vision tower state dict (missing key {key!r}; "
@@ -195,6 +199,10 @@ def resolve_config(state_dict: dict, meta: Optional[dict], where: str, *, image_
     """The model config of an export: its sidecar when present (flags override), else inferred."""
     if meta is not None:
         cfg = dict(meta["model_config"])
+        if cfg.get("family", "vit") != "vit":
+            if image_size is not None:
+                cfg["image_size"] = image_size  # a CNN takes any size
+            return cfg
         if image_size is not None:
             if cfg.get("pos_embed") == "abs" and image_size != cfg.get("image_size"):
                 raise MLCDError(f"{where}: --image_size {image_size} disagrees with the learned position table "
@@ -225,9 +233,8 @@ def build_and_load(cfg: dict, state_dict: dict, where: str):
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        raise MLCDError(f"{where}: state dict does not fit a {cfg.get('pos_embed')} tower of width "
-                        f"{cfg.get('width')}, {cfg.get('layers')} layers: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+        raise MLCDError(f"{where}: state dict does not fit the tower of its config ({describe(cfg)}): "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, value in own.items():
         if tuple(state_dict[key].shape) != tuple(value.shape):
             raise MLCDError(f"{where}: {key} has shape {tuple(state_dict[key].shape)}, the config "
@@ -236,9 +243,18 @@ def build_and_load(cfg: dict, state_dict: dict, where: str):
     return model.eval()
 
 
+def describe(cfg: dict) -> str:
+    """One line naming a model config: family, shape, image size."""
+    if cfg.get("family", "vit") == "resnet":
+        return (f"{cfg.get('name')} (resnet, {cfg.get('block')} blocks {cfg.get('layers')}, channels "
+                f"{cfg.get('channels')}, {cfg.get('stem')} stem, {cfg.get('image_size')} px)")
+    return (f"{cfg.get('name')} ({cfg.get('pos_embed')}, width {cfg.get('width')}, {cfg.get('layers')} layers, "
+            f"{cfg.get('image_size')} px)")
+
+
 def load_model(path: str | os.PathLike, *, image_size: Optional[int] = None, heads: Optional[int] = None,
                act: Optional[str] = None):
-    """Our VisionTransformer from a native export (or a trainer checkpoint), in eval mode, fp32."""
+    """Our tower (ViT or ResNet) from a native export (or a trainer checkpoint), in eval mode, fp32."""
     sd, meta = load_native(path)
     cfg = resolve_config(sd, meta, str(path), image_size=image_size, heads=heads, act=act)
     return build_and_load(cfg, sd, str(path))
@@ -312,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     meta = export_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype] if args.dtype else None)
     cfg = meta["model_config"]
-    print(f"exported {cfg['name']} ({cfg['pos_embed']}, width {cfg['width']}, {cfg['layers']} layers, "
-          f"{cfg['image_size']} px) from {meta['source']} (step {meta['step']}) to {args.out} "
+    print(f"exported {describe(cfg)} from {meta['source']} (step {meta['step']}) to {args.out} "
           f"and {sidecar_path(args.out)}")
     return 0
 

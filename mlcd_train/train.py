@@ -218,6 +218,8 @@ class Trainer:
         overrides = dict(cfg.model.overrides)
         if cfg.data.image_size and "image_size" not in overrides:
             overrides["image_size"] = cfg.data.image_size
+        if cfg.model.drop_path is not None:
+            overrides["drop_path"] = cfg.model.drop_path
         torch.manual_seed(cfg.seed)
         core = create_model(cfg.model.name, **overrides).to(info.device)
         if cfg.model.grad_checkpointing:

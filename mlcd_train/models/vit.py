@@ -51,6 +51,7 @@ class ViTConfig:
     pos_embed: str = "abs"
     output_dim: Optional[int] = 512
     act: str = "gelu"
+    drop_path: float = 0.0          # stochastic depth: block i of L is skipped with rate drop_path * i / (L - 1)
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +87,10 @@ class ViTConfig:
         if self.pos_embed == "rope2d" and self.head_dim % 4:
             raise MLCDError(f"model config {self.name!r}: RoPE2D needs a head width divisible by 4 "
                             f"(width {self.width} / heads {self.heads} = {self.head_dim})")
+        if (isinstance(self.drop_path, bool) or not isinstance(self.drop_path, (int, float))
+                or not 0.0 <= float(self.drop_path) < 1.0):
+            raise MLCDError(f"model config {self.name!r}: drop_path must be in [0, 1), got {self.drop_path!r}")
+        self.drop_path = float(self.drop_path)
         if self.image_size % self.patch_size:
             raise MLCDError(f"model config {self.name!r}: image_size={self.image_size} is not divisible by "
                             f"patch_size={self.patch_size}")
@@ -152,9 +157,21 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch per sample with probability ``rate``, scale the
+    rest by 1 / (1 - rate).  Draws from the global torch generator (the trainer seeds it per
+    step, so a resumed run drops the same branches)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, native_rope: bool):
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, native_rope: bool, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path
         self.ln_1 = nn.LayerNorm(width, eps=LN_EPS)
         self.attn = Attention(width, heads, native_rope)
         self.ln_2 = nn.LayerNorm(width, eps=LN_EPS)
@@ -165,8 +182,8 @@ class ResidualBlock(nn.Module):
         ]))
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + drop_path(self.attn(self.ln_1(x), rope), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.ln_2(x)), self.drop_path, self.training)
         return x
 
 
@@ -175,8 +192,9 @@ class Transformer(nn.Module):
         super().__init__()
         native_rope = config.pos_embed == "rope2d"
         self.resblocks = nn.ModuleList([
-            ResidualBlock(config.width, config.heads, config.mlp_dim, config.act, native_rope)
-            for _ in range(config.layers)
+            ResidualBlock(config.width, config.heads, config.mlp_dim, config.act, native_rope,
+                          config.drop_path * i / max(1, config.layers - 1))
+            for i in range(config.layers)
         ])
 
 

@@ -138,10 +138,17 @@ class LabelTable:
 # ----------------------------------------------------------------------------- augmentation
 
 class Augment:
-    """Random resized crop + horizontal flip + normalisation, driven by an explicit generator.
+    """Random resized crop + horizontal flip [+ RandAugment + colour jitter] + normalisation
+    [+ random erasing], every draw a function of the sample's seed.
 
     The crop follows torchvision's RandomResizedCrop (area fraction in ``scale``, log-uniform
     aspect ratio in ``ratio``, 10 tries, then a centre crop), resized bicubically by PIL.
+    RandAugment, ColorJitter and RandomErasing are torchvision's; they draw from the global
+    torch generator, so each runs inside ``torch.random.fork_rng`` seeded from the sample's
+    seed: the same sample at the same stream position gets the same pixels in any worker, and
+    the caller's generator state is left as it was.  Off by default (the keys in
+    ``data.aug``); the authors' Unicom trainers use RandAugment (2 ops, magnitude 9), colour
+    jitter 0.4 and random erasing 0.25.
     """
 
     def __init__(self, image_size: int, aug) -> None:
@@ -152,6 +159,18 @@ class Augment:
         self.flip = aug.flip
         self.mean = torch.tensor(aug.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(aug.std, dtype=torch.float32).view(3, 1, 1)
+        from torchvision import transforms as T
+
+        self.pil_ops = []
+        if getattr(aug, "rand_augment", 0):
+            self.pil_ops.append(T.RandAugment(num_ops=aug.rand_augment, magnitude=aug.rand_augment_magnitude,
+                                              interpolation=T.InterpolationMode.BILINEAR))
+        if getattr(aug, "color_jitter", 0.0):
+            c = float(aug.color_jitter)
+            self.pil_ops.append(T.ColorJitter(brightness=c, contrast=c, saturation=c))
+        p = float(getattr(aug, "random_erasing", 0.0))
+        # erase with the per-channel mean (0 after normalisation), as timm's 'const' mode
+        self.erase = T.RandomErasing(p=p, value=0.0) if p > 0 else None
 
     def _crop_box(self, w: int, h: int, g: torch.Generator) -> tuple[int, int, int, int]:
         area = w * h
@@ -187,6 +206,18 @@ class Augment:
         img = img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=(j, i, j + cw, i + ch))
         if self.flip and bool(torch.rand(1, generator=g).item() < 0.5):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.pil_ops or self.erase is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+                for op in self.pil_ops:
+                    img = op(img)
+                x = self._normalise(img)
+                if self.erase is not None:
+                    x = self.erase(x)
+            return x
+        return self._normalise(img)
+
+    def _normalise(self, img) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - self.mean) / self.std
 
