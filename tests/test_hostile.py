@@ -207,3 +207,156 @@ def test_shards_progress_file_names_are_checked(tmp_path):
         p.write_text(json.dumps({"signature": "s", "shards": [{"name": "../../x.tar", "count": 1, "consumed": 1}],
                                  "skipped": []}))
         shards._read_progress(p, "shard")
+
+
+# ----------------------------------------------------------------------- 3. out is an input
+
+def test_no_stage_writes_into_a_folder_it_reads(tmp_path, capsys):
+    from PIL import Image
+
+    emb = _emb(tmp_path / "emb")
+    cl = _centroids(tmp_path, emb)
+    before = _snapshot(emb)
+    # cluster --out EMB would replace the embeddings' meta.json
+    rc, err = _stage("cluster", ["--emb", emb, "--k", "4", "--out", emb, "--overwrite"], capsys)
+    assert rc == 2 and "--out" in err and "folder of --emb" in err
+    # assign --out EMB --overwrite would delete every keys file; --out CL would replace CL/meta.json
+    for out in (emb, cl, tmp_path / "cl" / "." ):
+        rc, err = _stage("assign", ["--emb", emb, "--centroids", cl / "centroids.npy", "--topk", "2",
+                                    "--out", out, "--overwrite"], capsys)
+        assert rc == 2 and "a stage never writes into a folder it reads" in err
+    assert _snapshot(emb) == before
+    # a link to EMB is the same folder
+    os.symlink(emb, tmp_path / "link")
+    rc, err = _stage("cluster", ["--emb", emb, "--k", "4", "--out", tmp_path / "link"], capsys)
+    assert rc == 2 and _snapshot(emb) == before
+
+    # convert --overwrite into the folder holding the input export would delete it
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    torch.save({"conv1.weight": torch.zeros(1)}, exp / "x.pt")
+    for out in (exp, tmp_path):
+        rc, err = _stage("convert", ["--checkpoint_path", exp / "x.pt", "--pytorch_dump_folder_path", out,
+                                     "--overwrite"], capsys)
+        assert rc == 2 and "--pytorch_dump_folder_path" in err and (exp / "x.pt").is_file()
+    rc, err = _stage("convert", ["--from-hf", exp, "--out", exp / "y.pt"], capsys)
+    assert rc == 2 and "--from-hf" in err
+
+    # shards --out inside the image folder it reads recursively
+    src = tmp_path / "img"
+    (src / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(src / "a" / "x.png")
+    for out in (src, src / "a" / "shards"):
+        rc, err = _stage("shards", ["--input", src, "--out", out], capsys)
+        assert rc == 2 and "--input" in err
+    assert sorted(p.name for p in src.rglob("*")) == ["a", "x.png"]
+    assert _stage("shards", ["--input", src, "--out", tmp_path / "sh"], capsys)[0] == 0
+
+    # embed --out the shard folder; probe --out the shard folder
+    rc, err = _stage("embed", ["--shards", tmp_path / "sh", "--out", tmp_path / "sh", "--model", "pca"], capsys)
+    assert rc == 2 and "folder of --shards" in err
+    rc, err = _stage("probe", ["--embedder", "pca", "--train", tmp_path / "sh", "--test", tmp_path / "sh",
+                               "--out", tmp_path / "sh"], capsys)
+    assert rc == 2 and "folder of --train" in err
+    assert sorted(p.name for p in (tmp_path / "sh").iterdir()) == ["classes.json", "shard-000000.tar",
+                                                                    "sizes.json", "skipped.json"]
+
+
+# ----------------------------------------------------------------------- 6. special files, bombs
+
+def _in_thread(fn, fifo_paths, seconds=20):
+    """Run ``fn`` in a thread; if it is still blocked (on a FIFO) after ``seconds``, unblock it
+    by opening the FIFOs for writing, and fail."""
+    box = {}
+
+    def work():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        for p in fifo_paths:
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        t.join(5)
+        pytest.fail(f"blocked on a FIFO: {fifo_paths}")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def test_fifo_device_link_and_huge_image_are_skipped_unread(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mlcd_train.data import shards
+
+    src = tmp_path / "img"
+    src.mkdir()
+    Image.new("RGB", (4, 4)).save(src / "ok.png")
+    os.mkfifo(src / "fifo.png")
+    os.symlink("/dev/zero", src / "zero.png")
+    (src / "big.png").write_bytes(b"\0" * 2048)
+    monkeypatch.setattr(shards, "MAX_IMAGE_FILE_BYTES", 1024)
+    out = tmp_path / "out"
+    assert _in_thread(lambda: shards.main(["--input", str(src), "--out", str(out)]), [src / "fifo.png"]) == 0
+    reasons = {Path(s["path"]).name: s["reason"] for s in json.loads((out / "skipped.json").read_text())}
+    assert reasons["fifo.png"].startswith("not a regular image file (a FIFO)")
+    assert reasons["zero.png"].startswith("not a regular image file (a device)")
+    assert reasons["big.png"].startswith("image file of 2048 bytes, over the limit of 1024")
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 1}
+
+
+def test_fifo_named_like_a_shard_or_meta_file_is_refused(tmp_path):
+    from clustering import store
+    from mlcd_train.data.reader import ShardDataset
+
+    shard_dir = tmp_path / "sh"
+    shard_dir.mkdir()
+    os.mkfifo(shard_dir / "shard-000000.tar")
+    with pytest.raises(MLCDError, match=r"shard-000000.tar: not a regular shard \(a FIFO\)"):
+        _in_thread(lambda: ShardDataset(shard_dir), [shard_dir / "shard-000000.tar"])
+    emb = _emb(tmp_path / "emb")
+    os.replace(emb / "meta.json", tmp_path / "meta.json")
+    os.mkfifo(emb / "meta.json")
+    with pytest.raises(MLCDError, match=r"meta.json: not a regular JSON file \(a FIFO\)"):
+        _in_thread(lambda: store.open_emb(emb), [emb / "meta.json"])
+    os.unlink(emb / "meta.json")
+    os.replace(tmp_path / "meta.json", emb / "meta.json")
+    os.unlink(emb / "part-000001.keys.npy")
+    os.mkfifo(emb / "part-000001.keys.npy")
+    with pytest.raises(MLCDError, match=r"part-000001.keys.npy: not a regular keys file \(a FIFO\)"):
+        _in_thread(lambda: store.open_emb(emb), [emb / "part-000001.keys.npy"])
+
+
+def _gz_idx(shape, body: bytes) -> bytes:
+    head = struct.pack(">I", 0x0800 | len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+    return gzip.compress(head + body, compresslevel=1)
+
+
+def test_idx_gzip_bomb_is_never_expanded(tmp_path, monkeypatch):
+    """A header declaring more than the limit is refused before decompressing; a body longer
+    than its header declares is read one byte past it, not whole."""
+    from mlcd_train.data import shards
+
+    declared = tmp_path / "bomb-images-idx3-ubyte.gz"
+    declared.write_bytes(_gz_idx((1 << 20, 1 << 10, 1 << 10), b"\0" * 1000))  # says 1 TiB
+    with pytest.raises(MLCDError, match=r"bomb-images-idx3-ubyte.gz: IDX header declares .* over the limit"):
+        shards.read_idx(declared)
+    liar = tmp_path / "liar-images-idx3-ubyte.gz"
+    liar.write_bytes(_gz_idx((2, 2, 2), b"\0" * (64 << 20)))  # says 8 bytes, expands to 64 MB
+    read = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: read.append(n) or real_read(self, n))
+    with pytest.raises(MLCDError, match=r"liar-images-idx3-ubyte.gz: truncated or oversized IDX file \(9\+ bytes"):
+        shards.read_idx(liar)
+    assert read == [4, 12, 9]  # magic, dimensions, then the declared 8 bytes + 1: never read(-1)
+    # the real files still read
+    from mlcd_train.data.sample import sample_paths
+
+    assert shards.read_idx(sample_paths("test")[1]).shape == (1000,)
