@@ -131,6 +131,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """k-NN evaluation during training (mlcd_train/trainer/evaluation.py); off unless ``every`` > 0."""
+    train: Optional[str] = None         # shards with ground-truth cls: the k-NN's memory
+    test: Optional[str] = None          # shards with ground-truth cls: what is scored
+    every: int = 0                      # steps between evaluations (0: off); the last step is always evaluated
+    knn_k: int = 20                     # neighbours voting
+    temperature: float = 0.07           # vote weight exp(sim / temperature)
+    max_train: int = 10000              # first N samples of eval.train held in memory (0: all)
+    max_test: int = 10000               # first N samples of eval.test (0: all)
+    batch_size: int = 256               # images per forward pass
+    keep_best: bool = True              # keep OUT/best/ (model.pt + meta.json): the checkpoint of the best k-NN
+
+
+@dataclass
 class Config:
     output_dir: Optional[str] = None    # OUT: config.yaml, metrics.jsonl, tb/, checkpoints/
     seed: int = 0
@@ -140,6 +154,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 LOSS_NAMES = ("mlcd", "unicom", "mlc")
@@ -414,6 +429,16 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
     _need(0.0 <= d.aug.color_jitter <= 1.0, "data.aug.color_jitter", f"must be in [0, 1], got {d.aug.color_jitter}")
     _need(0.0 <= d.aug.random_erasing <= 1.0, "data.aug.random_erasing",
           f"must be in [0, 1], got {d.aug.random_erasing}")
+    e = cfg.eval
+    _need(e.every >= 0, "eval.every", f"must be >= 0 (0: no evaluation), got {e.every}")
+    if e.every > 0:
+        _need(bool(e.train), "eval.train", "required with eval.every > 0 (labelled shards: the k-NN's memory)")
+        _need(bool(e.test), "eval.test", "required with eval.every > 0 (labelled shards to score)")
+    _need(e.knn_k >= 1, "eval.knn_k", f"must be at least 1, got {e.knn_k}")
+    _need(math.isfinite(e.temperature) and e.temperature > 0, "eval.temperature",
+          f"must be a positive number, got {e.temperature}")
+    _need(e.max_train >= 0 and e.max_test >= 0, "eval.max_train", "eval.max_train and eval.max_test must be >= 0")
+    _need(e.batch_size >= 1, "eval.batch_size", f"must be at least 1, got {e.batch_size}")
     _need(cfg.model.drop_path is None or 0.0 <= cfg.model.drop_path < 1.0, "model.drop_path",
           f"must be in [0, 1), got {cfg.model.drop_path}")
     if lo.name == "unicom":

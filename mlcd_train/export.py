@@ -73,6 +73,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if not path.exists():
         raise MLCDError(f"{path}: no such checkpoint file or folder")
+    if (path / "model.pt").is_file() and not _STEP_RE.match(path.name):  # OUT/best, or a copied checkpoint folder
+        if not (path / "meta.json").is_file():
+            raise MLCDError(f"{path}: checkpoint is incomplete (no meta.json)")
+        return path / "model.pt"
     if _STEP_RE.match(path.name):
         if not (path / "meta.json").is_file():
             raise MLCDError(f"{path}: checkpoint is incomplete (no meta.json); pick an earlier step or the run folder")

@@ -151,7 +151,7 @@ class MetricsLog:
         self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
         self.f = open(self.path, "a", encoding="utf-8")
 
-    def log(self, rec: dict) -> None:
+    def log(self, rec: dict, section: str = "train") -> None:
         if not self.enabled:
             return
         self.f.write(json.dumps(rec) + "\n")
@@ -159,7 +159,7 @@ class MetricsLog:
         step = rec["step"]
         for k, v in rec.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(f"{section}/{k}", v, step)
 
     def close(self) -> None:
         if self.enabled:
@@ -286,6 +286,37 @@ class Trainer:
             err = box[0]
         if err:
             raise MLCDError(err)
+
+    def _build_eval(self) -> None:
+        """Rank 0's k-NN evaluator (eval.every > 0) and the best figure so far (OUT/best)."""
+        from mlcd_train.trainer import evaluation as E
+
+        self.evaluator, self.best = None, None
+        ec = self.cfg.eval
+        if ec.every <= 0:
+            return
+        if self.info.is_main:
+            a = self.cfg.data.aug
+            self.evaluator = E.KNNEvaluator(ec, self.image_size, a.mean, a.std, self.info.device)
+            meta = E.best_meta(self.out)
+            self.best = meta["knn_top1"] if meta else None
+        barrier()
+
+    def _evaluate(self, log: "MetricsLog", step: int) -> None:
+        """k-NN top-1 on rank 0 (the other ranks wait); OUT/best follows the best figure."""
+        from mlcd_train.trainer import evaluation as E
+
+        if self.info.is_main:
+            t0 = time.perf_counter()
+            top1 = self.evaluator.evaluate(self.core)
+            improved = self.best is None or top1 > self.best
+            if improved and self.cfg.eval.keep_best:
+                E.save_best(self.out, step, top1, unwrap_state_dict(self.core), self.model_config)
+            self.best = top1 if improved else self.best
+            log.log({"step": step, "knn_top1": top1, "knn_best": self.best}, section="eval")
+            print(f"eval step {step}: {self.cfg.eval.knn_k}-NN top-1 {top1:.2%} (best {self.best:.2%}) "
+                  f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        barrier()
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_folder(self) -> Path | None:
@@ -423,6 +454,7 @@ class Trainer:
                   f"{cfg.train.global_batch_size} ({self.batch} per rank), loss {cfg.loss.name} k={cfg.loss.num_classes} "
                   f"l={cfg.loss.l} r={cfg.loss.sample_rate}, steps {start}->{total}, output {self.out}",
                   file=sys.stderr, flush=True)
+        self._build_eval()
         data = self._build_data(start)
         log = MetricsLog(self.out, start, info.is_main)
         stop = StopFlag()
@@ -505,6 +537,8 @@ class Trainer:
                           win_good)
                 win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
                 win_loss, win_norm, win_good = 0.0, 0.0, 0
+            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total):
+                self._evaluate(log, step)
             if stopping or step % cfg.train.save_every == 0 or step == total:
                 self._save(step)
                 win_t0 = time.perf_counter()  # img/s measures training, not saving
