@@ -360,3 +360,65 @@ def test_idx_gzip_bomb_is_never_expanded(tmp_path, monkeypatch):
     from mlcd_train.data.sample import sample_paths
 
     assert shards.read_idx(sample_paths("test")[1]).shape == (1000,)
+
+
+# ----------------------------------------------------------------------- 7. option ranges
+
+BAD_OPTIONS = [
+    ("assign", ["--emb", "E", "--centroids", "C", "--out", "O"], "--threshold", ["nan", "inf", "2"]),
+    ("assign", ["--emb", "E", "--centroids", "C", "--out", "O"], "--topk", ["0"]),
+    ("assign", ["--emb", "E", "--centroids", "C", "--out", "O"], "--threads", ["-1"]),
+    ("assign", ["--emb", "E", "--centroids", "C", "--out", "O"], "--target-recall", ["0", "1.5"]),
+    ("assign", ["--emb", "E", "--centroids", "C", "--out", "O"], "--nprobe", ["0"]),
+    ("cluster", ["--emb", "E", "--k", "4", "--out", "O"], "--max-points-per-centroid", ["-1"]),
+    ("cluster", ["--emb", "E", "--k", "4", "--out", "O"], "--threads", ["-2"]),
+    ("cluster", ["--emb", "E", "--out", "O"], "--k", ["0", "x"]),
+    ("cluster", ["--emb", "E", "--k", "4", "--out", "O"], "--niter", ["-1"]),
+    ("embed", ["--shards", "S", "--out", "O", "--model", "pca"], "--batch-size", ["0"]),
+    ("embed", ["--shards", "S", "--out", "O", "--model", "pca"], "--workers", ["-1"]),
+    ("embed", ["--shards", "S", "--out", "O", "--model", "pca"], "--dim", ["0"]),
+    ("shards", ["--input", "I", "--out", "O"], "--shard-size", ["0"]),
+    ("shards", ["--input", "I", "--out", "O"], "--max-image-pixels", ["-5"]),
+    ("probe", ["--embedder", "pca", "--train", "A", "--test", "B", "--out", "O"], "--knn-k", ["0"]),
+    ("probe", ["--embedder", "pca", "--train", "A", "--test", "B", "--out", "O"], "--temperature", ["0", "nan"]),
+    ("probe", ["--embedder", "pca", "--train", "A", "--test", "B", "--out", "O"], "--val-fraction", ["1", "0"]),
+    ("probe", ["--embedder", "pca", "--train", "A", "--test", "B", "--out", "O"], "--max-iter", ["0"]),
+    ("convert", ["--checkpoint_path", "X", "--pytorch_dump_folder_path", "O"], "--image_size", ["-1"]),
+    ("convert", ["--checkpoint_path", "X", "--pytorch_dump_folder_path", "O"], "--num_heads", ["0"]),
+]
+
+
+@pytest.mark.parametrize("stage,base,option,values", BAD_OPTIONS, ids=[f"{s}{o}" for s, _, o, _ in BAD_OPTIONS])
+def test_numeric_options_out_of_range_are_refused_naming_the_option(stage, base, option, values, capsys):
+    """Refused by the parser (exit 2, one error line naming the option) before anything is read."""
+    import importlib
+
+    from mlcd_train.cli import STAGES
+
+    module = importlib.import_module(STAGES[stage][0])
+    for value in values:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            module.main(base + [option, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"mlcd {stage}: error: argument {option}") and repr(value) in err[-1], err
+
+
+def test_l2_grid_with_nan_is_refused(tmp_path):
+    from mlcd_train import probe
+
+    with pytest.raises(MLCDError, match="--l2-grid"):
+        probe.main(["--embedder", "pca", "--train", "A", "--test", "B", "--out", str(tmp_path), "--l2-grid", "1,nan"])
+
+
+def test_option_types():
+    from mlcd_train.utils import args as A
+
+    assert A.positive_int("3") == 3 and A.nonneg_int("0") == 0 and A.fraction_open("0.5") == 0.5
+    assert A.fraction_left_open("1") == 1.0 and A.float_between(-1, 1)("-1") == -1.0
+    for parse, bad in ((A.positive_int, "0"), (A.nonneg_int, "-1"), (A.finite_float, "nan"),
+                       (A.positive_float, "-0.0"), (A.fraction_open, "1"), (A.fraction_left_open, "0"),
+                       (A.float_between(-1, 1), "1.01"), (A.positive_int, "1.5")):
+        with pytest.raises(Exception, match="must be"):
+            parse(bad)
