@@ -422,3 +422,118 @@ def test_option_types():
                        (A.float_between(-1, 1), "1.01"), (A.positive_int, "1.5")):
         with pytest.raises(Exception, match="must be"):
             parse(bad)
+
+
+# ----------------------------------------------------------------------- 9. meta files, wrong types
+
+_WRONG = {dict: [], list: {}, str: 7, int: "7", float: "x", bool: "yes", type(None): []}
+
+
+def _mutations(obj: dict, nested=("counts",)):
+    """(what, mutated copy): the top level as a list and a string, then each key (and each
+    entry of the ``nested`` dicts) given a value of another JSON type."""
+    yield "top level list", [obj]
+    yield "top level string", "x"
+    for key, value in obj.items():
+        yield key, {**obj, key: _WRONG[type(value)]}
+        if key in nested and isinstance(value, dict) and value:
+            k0 = next(iter(value))
+            yield f"{key}.{k0}", {**obj, key: {**value, k0: _WRONG[type(value[k0])]}}
+
+
+def _fuzz(path: Path, run, capsys, keys=None):
+    """Every mutation of the JSON file ``path``: ``run()`` returns 0, or 2 with an error line
+    naming the file; never a traceback.  The file is restored afterwards."""
+    original = path.read_text()
+    obj = json.loads(original)
+    tried = 0
+    try:
+        for what, bad in _mutations(obj):
+            if keys is not None and what.split(".")[0] not in keys and not what.startswith("top"):
+                continue
+            path.write_text(json.dumps(bad))
+            capsys.readouterr()
+            rc = run()
+            err = capsys.readouterr().err
+            assert rc == 0 or (rc == 2 and f"{path.parent.name}/{path.name}" in err), (what, rc, err)
+            tried += 1
+    finally:
+        path.write_text(original)
+    return tried
+
+
+def test_meta_files_with_wrong_types_name_the_file(tmp_path, capsys):
+    from mlcd_train.cli import run_stage
+    from mlcd_train.data import shards as shards_mod
+    from mlcd_train.trainer import checkpoint as ck
+    from tests.fixtures import make_random_shards
+
+    emb = _emb(tmp_path / "emb")
+    cl = _centroids(tmp_path, emb)
+    n = iter(range(10 ** 6))
+
+    def cluster():
+        return run_stage("cluster", ["--emb", str(emb), "--k", "4", "--out", str(tmp_path / f"c{next(n)}"),
+                                     "--threads", "1", "--niter", "1"])
+
+    def assign_to(out):
+        return lambda: run_stage("assign", ["--emb", str(emb), "--centroids", str(cl / "centroids.npy"),
+                                            "--topk", "2", "--out", str(out), "--threads", "1", "--no-stats"])
+
+    def fresh_assign():
+        return assign_to(tmp_path / f"l{next(n)}")()
+
+    # EMB/meta.json: read by cluster and assign (and the probe, through the same open_emb)
+    assert _fuzz(emb / "meta.json", cluster, capsys) >= 10
+    _fuzz(emb / "meta.json", fresh_assign, capsys)
+    # CL/meta.json: read by assign beside the centres, and by a cluster rerun
+    _fuzz(cl / "meta.json", fresh_assign, capsys)
+    _fuzz(cl / "meta.json", lambda: run_stage("cluster", ["--emb", str(emb), "--k", "4", "--out", str(cl),
+                                                          "--threads", "1", "--niter", "2"]), capsys)
+    # LBL/meta.json: read by an assign rerun
+    assert assign_to(tmp_path / "lbl")() == 0
+    _fuzz(tmp_path / "lbl" / "meta.json", assign_to(tmp_path / "lbl"), capsys)
+
+    # sizes.json of a shard folder (embed, probe, train: one reader) and classes.json (--classes)
+    sh = make_random_shards(tmp_path, n=8, size=8, num_classes=2, shard_size=4)
+    _fuzz(sh / "sizes.json", lambda: run_stage("embed", ["--shards", str(sh), "--out", str(tmp_path / "e"),
+                                                         "--model", "pca:/nonexistent.npz"]), capsys)
+    _fuzz(sh / "classes.json", lambda: run_stage("shards", ["--input", str(tmp_path / "random_shards_src"), "--out",
+                                                            str(tmp_path / f"s{next(n)}"), "--classes",
+                                                            str(sh / "classes.json")]), capsys)
+    # EMB/meta.json on an embed rerun
+    assert run_stage("embed", ["--shards", str(sh), "--out", str(tmp_path / "e2"), "--model", "pca", "--dim", "2",
+                               "--image-size", "4", "--workers", "0"]) == 0
+    _fuzz(tmp_path / "e2" / "meta.json",
+          lambda: run_stage("embed", ["--shards", str(sh), "--out", str(tmp_path / "e2"), "--model", "pca",
+                                      "--dim", "2", "--image-size", "4", "--workers", "0"]), capsys,
+          keys=("embedder", "dim", "embedder_info", "counts", "complete"))
+
+    # the shards progress file and a checkpoint's meta.json
+    prog = tmp_path / "prog" / "progress.json"
+    prog.parent.mkdir()
+    prog.write_text(json.dumps({"signature": "s", "shards": [{"name": "shard-000000.tar", "count": 1,
+                                                              "consumed": 1}], "skipped": []}))
+
+    def read_progress():
+        try:
+            shards_mod._read_progress(prog, "shard")
+        except MLCDError as exc:
+            print(f"mlcd shards: error: {exc}", file=__import__("sys").stderr)
+            return 2
+        return 0
+
+    _fuzz(prog, read_progress, capsys)
+    step = tmp_path / "ck" / "step_00000001"
+    step.mkdir(parents=True)
+    ck.write_meta(step, {"step": 1, "world_size": 1})
+
+    def read_meta():
+        try:
+            ck.read_meta(step)
+        except MLCDError as exc:
+            print(f"mlcd train: error: {exc}", file=__import__("sys").stderr)
+            return 2
+        return 0
+
+    _fuzz(step / "meta.json", read_meta, capsys)
