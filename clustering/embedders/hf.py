@@ -38,13 +38,15 @@ class HFEmbedder(Embedder):
         mean, std = CLIP_MEAN, CLIP_STD
         pp = os.path.join(path, "preprocessor_config.json")
         if os.path.isfile(pp):
-            import json
+            from mlcd_train.utils.io import json_field, load_json
 
-            with open(pp) as f:
-                p = json.load(f)
-            mean, std = p.get("image_mean", mean), p.get("image_std", std)
-            crop = p.get("crop_size", size)
-            size = int(crop["height"] if isinstance(crop, dict) else crop)
+            p = load_json(pp, expect=dict)
+            mean = json_field(p, "image_mean", list, pp, default=mean)
+            std = json_field(p, "image_std", list, pp, default=std)
+            if len(mean) != 3 or len(std) != 3 or not all(isinstance(v, (int, float)) for v in [*mean, *std]):
+                raise MLCDError(f"{pp}: image_mean and image_std should be 3 numbers each")
+            crop = json_field(p, "crop_size", (dict, int), pp, default=size)
+            size = json_field(crop, "height", int, pp) if isinstance(crop, dict) else crop
         self.transform = clip_transform(size, mean, std)
         self.kind = type(model).__name__
         if hasattr(model, "get_image_features"):

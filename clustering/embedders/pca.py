@@ -72,12 +72,12 @@ class PCAEmbedder(Embedder):
         self.projection = os.path.abspath(path)
 
     def load(self, path) -> None:
-        try:
-            z = np.load(path, allow_pickle=False)
+        from mlcd_train.utils.io import safe_np_load
+
+        try:  # a regular file, never unpickled
+            z = safe_np_load(path, "pca projection")
             mean, comp, ev, size = z["mean"], z["components"], z["eigenvalues"], int(z["image_size"])
-        except FileNotFoundError:
-            raise MLCDError(f"{path}: pca projection file not found") from None
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, TypeError, AttributeError) as exc:
             raise MLCDError(f"{path}: not a pca projection (.npz with mean, components, eigenvalues, "
                             f"image_size): {exc}") from None
         self.image_size = size
