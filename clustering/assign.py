@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cand-dtype", choices=["bfloat16", "float16", "tf32", "float32"], default=None,
                    help="torch backend candidate matmul precision (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu", action="store_true", help="use the GPU (faiss-gpu when importable, else torch)")
-    p.add_argument("--chunk", type=nonneg_int, default=0,
+    p.add_argument("--chunk", type=int,  # range checked in main (0 = default): "--chunk must be positive" default=0,
                    help="rows searched at once (default: 4096 on CPU, where a chunk that stays in "
                         "cache between conversion and search measured ~8%% less CPU per row than "
                         "16384; 65536 on GPU)")
