@@ -125,7 +125,8 @@ class TrainConfig:
     save_every: int = 1000              # checkpoint every N steps (and always at the end)
     keep_last: int = 3                  # complete checkpoints kept
     log_every: int = 10                 # metrics.jsonl / tensorboard / progress line
-    precision: str = "bf16"             # bf16 (autocast on GPU; fp32 on CPU) | fp32
+    precision: str = "bf16"             # bf16 (autocast on GPU) | fp16 (autocast + GradScaler on GPU) | fp32;
+    # on CPU bf16 and fp16 run in fp32
     device: str = "auto"                # auto | cpu | cuda
     max_nonfinite_steps: int = 10       # abort after this many non-finite steps in a row
 
@@ -145,6 +146,13 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start a fresh run from the backbone of another (mlcd_train/trainer/init.py)."""
+    checkpoint: Optional[str] = None    # export X.pt (+ X.json), model.pt, checkpoint or run folder; only when
+    # the run starts fresh (no checkpoint in output_dir): Partial FC, optimiser and schedule start at step 0
+
+
+@dataclass
 class Config:
     output_dir: Optional[str] = None    # OUT: config.yaml, metrics.jsonl, tb/, checkpoints/
     seed: int = 0
@@ -155,10 +163,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 LOSS_NAMES = ("mlcd", "unicom", "mlc")
 OPTIM_NAMES = ("adamw", "apex_adam", "apex_lamb")
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 # ----------------------------------------------------------------------------- schema helpers
@@ -387,7 +397,8 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
     _need(t.save_every > 0, "train.save_every", f"must be positive, got {t.save_every}")
     _need(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
     _need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
-    _need(t.precision in ("bf16", "fp32"), "train.precision", f"must be bf16 or fp32, got {t.precision!r}")
+    _need(t.precision in PRECISIONS, "train.precision",
+          f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     _need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
     _need(lo.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}, got {lo.name!r}")
@@ -439,6 +450,8 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
           f"must be a positive number, got {e.temperature}")
     _need(e.max_train >= 0 and e.max_test >= 0, "eval.max_train", "eval.max_train and eval.max_test must be >= 0")
     _need(e.batch_size >= 1, "eval.batch_size", f"must be at least 1, got {e.batch_size}")
+    _need(cfg.init.checkpoint is None or bool(str(cfg.init.checkpoint).strip()), "init.checkpoint",
+          "empty path (leave it unset to start from a random initialisation)")
     _need(cfg.model.drop_path is None or 0.0 <= cfg.model.drop_path < 1.0, "model.drop_path",
           f"must be in [0, 1), got {cfg.model.drop_path}")
     if lo.name == "unicom":

@@ -65,6 +65,9 @@ Multi-GPU / multi-node: launch with torchrun (see launch/README.md); without tor
 SLURM variables the trainer runs as one process.  resume=auto (default) continues from
 the newest complete checkpoint in output_dir; resume=none starts over; resume=PATH loads
 that checkpoint folder.  SIGTERM or SIGUSR1 saves at the next step and exits 0.
+init.checkpoint=PATH (a run, checkpoint folder or export) starts a fresh run from that
+backbone (positions resized to the new image size; new Partial FC, optimiser, step 0); it
+is ignored once output_dir holds a checkpoint of its own.
 """
 
 
@@ -412,8 +415,9 @@ class Trainer:
         self.saved.add(step)
         barrier()
 
-    # ------------------------------------------------------------------ loop
-    def run(self) -> int:
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> int:
+        """Model, Partial FC, optimisers, data check, resume (or init.checkpoint); the start step."""
         cfg, info = self.cfg, self.info
         emb = self._build_model()
         self._build_pfc(emb)
@@ -426,6 +430,8 @@ class Trainer:
         self.positions: dict[int, int] = {}
         self._check_data()
         folder = self._resume_folder()
+        if folder is None and cfg.init.checkpoint:  # before anything is written: a bad file leaves no trace
+            self._init_from_weights(cfg.init.checkpoint)
         barrier()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -442,6 +448,27 @@ class Trainer:
             self.corrupt_total = self.corrupt_offset = int(st.get("corrupt", 0))
             if info.is_main:
                 print(f"mlcd train: resumed from {folder} (step {start})", file=sys.stderr)
+                if cfg.init.checkpoint:
+                    print(f"mlcd train: init.checkpoint={cfg.init.checkpoint} ignored: the run resumes from its own "
+                          f"checkpoint {folder}", file=sys.stderr)
+        return start
+
+    def _init_from_weights(self, path: str) -> None:
+        """A fresh run (step 0) whose backbone starts from ``path`` (init.checkpoint); every rank
+        reads the file itself, into the parameters the optimiser and DDP already hold."""
+        from mlcd_train.trainer.init import init_backbone
+
+        where, notes = init_backbone(self.core, path)
+        if self.info.is_main:
+            for note in notes:
+                print(f"mlcd train: init.checkpoint: {note}", file=sys.stderr)
+            print(f"mlcd train: backbone initialised from {where}; Partial FC, optimiser and schedule start "
+                  "fresh at step 0", file=sys.stderr)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> int:
+        cfg, info = self.cfg, self.info
+        start = self.setup()
         total = cfg.train.steps
         if start >= total:
             if info.is_main:
@@ -451,7 +478,8 @@ class Trainer:
             nparam = sum(p.numel() for p in self.core.parameters())
             print(f"mlcd train: {cfg.model.name} ({nparam / 1e6:.1f}M parameters) on {info.world_size} "
                   f"rank(s) [{info.backend or 'single process'}, {info.device.type}], batch "
-                  f"{cfg.train.global_batch_size} ({self.batch} per rank), loss {cfg.loss.name} k={cfg.loss.num_classes} "
+                  f"{cfg.train.global_batch_size} ({self.batch} per rank), loss {cfg.loss.name} "
+                  f"k={cfg.loss.num_classes} "
                   f"l={cfg.loss.l} r={cfg.loss.sample_rate}, steps {start}->{total}, output {self.out}",
                   file=sys.stderr, flush=True)
         self._build_eval()
@@ -577,7 +605,8 @@ class Trainer:
             eta = el / max(1, step - self.start_step) * (total - step)
             print(f"train step {step}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.3e} "
                   f"{rec['img_per_s']:.0f} img/s data-wait {rec['data_wait']:.1%} grad-norm {rec['grad_norm']:.3g} "
-                  f"skipped {self.skipped} elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+                  f"skipped {self.skipped} elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min",
+                  file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
