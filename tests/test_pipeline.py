@@ -44,9 +44,11 @@ def write_yaml(path, cfg) -> str:
 
 
 def spy_stages(monkeypatch, calls: list, fail_on=None):
-    """Wrap every stage's main: record (stage, round folder) and raise where ``fail_on(stage, argv)`` says."""
+    """Wrap every stage's main: record the pipeline's calls as (stage, round folder) (not those a stage makes
+    itself: the probe embeds through embed's main) and raise where ``fail_on(stage, where)`` says."""
     import importlib
 
+    depth = [0]
     for module, stage in STAGE_MODULES.items():
         mod = importlib.import_module(module)
         real = mod.main
@@ -54,10 +56,15 @@ def spy_stages(monkeypatch, calls: list, fail_on=None):
         def wrapped(argv=None, real=real, stage=stage):
             text = " ".join(argv or [])
             where = next((f"round_{r}" for r in (1, 2, 3) if f"/round_{r}/" in text + "/"), "shards")
-            calls.append((stage, where))
+            if depth[0] == 0:
+                calls.append((stage, where))
             if fail_on and fail_on(stage, where):
                 raise MLCDError("simulated kill")
-            return real(argv)
+            depth[0] += 1
+            try:
+                return real(argv)
+            finally:
+                depth[0] -= 1
 
         monkeypatch.setattr(mod, "main", wrapped)
 
