@@ -199,6 +199,49 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
 
 
+def autocast_context(precision: str, device: torch.device):
+    """bf16 / fp16 autocast on CUDA; on the CPU every precision runs in fp32 (see make_scaler)."""
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+def make_scaler(precision: str, device: torch.device):
+    """The loss scaler of fp16 training on CUDA (torch.amp.GradScaler, its defaults: initial
+    scale 2**16, halved on an overflow, doubled after 2000 clean steps); None otherwise: bf16
+    needs none, and on the CPU fp16 runs in fp32 (CPU fp16 kernels are slow or missing, and
+    the loss in fp32 needs no scaling)."""
+    if precision == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler=None) -> tuple[float, float, bool]:
+    """Backward, clip the backbone gradient, step every optimiser: (loss, grad norm, applied).
+
+    The step is applied only when the loss and the (unscaled) backbone gradient norm are
+    finite; that is the one decision every rank takes alike (DDP has averaged the gradient,
+    the loss is the global mean).  With a ``scaler`` (fp16) the scaled loss is backpropagated
+    and every optimiser's gradients are unscaled before clipping, so the norm is the true
+    one: an overflow of the scaled gradient reads as a non-finite norm and skips the step
+    like any other non-finite step; ``scaler.update()`` then lowers the scale."""
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    loss_v, gnorm_v = float(loss.detach()), float(gnorm)
+    applied = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+    if applied:
+        for opt in optimizers:
+            opt.step()
+    if scaler is not None:
+        scaler.update()  # from the overflow checks unscale_ recorded
+    return loss_v, gnorm_v, applied
+
+
 class Trainer:
     def __init__(self, cfg: C.Config, info: DistInfo):
         self.cfg, self.info = cfg, info
@@ -357,6 +400,8 @@ class Trainer:
         self.opt.load_state_dict(ck.load(folder, "optimizer.pt"))
         P.load_partial_fc(self.pfc, folder, self.pfc_opt)
         st = ck.load(folder, "trainer_state.pt")
+        if self.scaler is not None and isinstance(st.get("scaler"), dict):
+            self.scaler.load_state_dict(st["scaler"])  # the loss scale the run had reached
         if st["world_size"] == info.world_size:
             ck.set_rng_state(st["rng"][info.rank])
         elif info.is_main:
@@ -402,6 +447,7 @@ class Trainer:
                      "world_size": info.world_size, **self._stream_settings(),
                      "data_batches_consumed": step, "skipped_steps": self.skipped,
                      "corrupt": self.corrupt_total, "rng": rngs, "positions": positions,
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "schedule": {"name": self.cfg.optim.schedule, "warmup_steps": self.cfg.optim.warmup_steps,
                                   "total": self.cfg.train.steps}}
             ck.save_main_files(folder, step, unwrap_state_dict(self.core), self.model_config,
@@ -422,6 +468,10 @@ class Trainer:
         emb = self._build_model()
         self._build_pfc(emb)
         self.opt = build_optimizer(self.core, cfg.optim, info.device)
+        self.scaler = make_scaler(cfg.train.precision, info.device)
+        if info.is_main and cfg.train.precision != "fp32" and info.device.type != "cuda":
+            print(f"mlcd train: train.precision={cfg.train.precision} runs in fp32 on the CPU "
+                  "(autocast and loss scaling are for CUDA)", file=sys.stderr)
         self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
         self.saved: set[int] = set()
         self.worker_stats: dict[int, tuple[int, int]] = {}
@@ -504,8 +554,7 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         dev = info.device
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16)
-               if dev.type == "cuda" and cfg.train.precision == "bf16" else nullcontext())
+        amp = autocast_context(cfg.train.precision, dev)
         params = [p for p in self.core.parameters() if p.requires_grad]
         clip = cfg.optim.clip_grad_norm
         opts = [(self.opt, cfg.optim.lr), (self.pfc_opt, self.pfc_lr)]
@@ -536,12 +585,8 @@ class Trainer:
             with amp:
                 emb = self.model(images)
             loss = self.pfc(emb.float(), labels)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-            loss_v, gnorm_v = float(loss.detach()), float(gnorm)
-            if math.isfinite(loss_v) and math.isfinite(gnorm_v):
-                self.opt.step()
-                self.pfc_opt.step()
+            loss_v, gnorm_v, applied = apply_step(loss, params, clip, (self.opt, self.pfc_opt), self.scaler)
+            if applied:
                 nonfinite_run = 0
                 win_loss += loss_v
                 win_norm += gnorm_v

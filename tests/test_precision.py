@@ -1,0 +1,107 @@
+"""train.precision=fp16: autocast + torch.amp.GradScaler on CUDA.  On this CPU machine the
+step function is driven with a CPU GradScaler (torch supports one), and the trainer's loop
+with that scaler forced in."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlcd_train import config as C
+from mlcd_train import partial_fc as P
+from mlcd_train import train
+from mlcd_train.trainer.checkpoint import list_checkpoints
+from mlcd_train.utils.errors import MLCDError
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    pfc = P.PartialFC(8, 30, sample_rate=0.5, scale=16.0, margin=0.2, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, pfc, opt, pfc.make_optimizer(1e-2, weight_decay=0.1, kind="adamw")
+
+
+def _step(parts, x, y, scaler=None):
+    model, pfc, opt, popt = parts
+    pfc.generator.manual_seed(7)
+    loss = pfc(model(x), y)
+    out = train.apply_step(loss, list(model.parameters()), 1.0, (opt, popt), scaler)
+    opt.zero_grad(set_to_none=True)
+    popt.zero_grad(set_to_none=True)
+    return out
+
+
+def test_scaled_step_equals_the_plain_step():
+    x, y = torch.randn(6, 12), torch.randint(0, 30, (6, 2))
+    plain = _setup()
+    scaled = _setup()                                          # same seed: the same start
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for _ in range(3):
+        lp, gp, ap = _step(plain, x, y)
+        ls, gs, as_ = _step(scaled, x, y, scaler)
+        assert ap and as_ and ls == pytest.approx(lp) and gs == pytest.approx(gp, rel=1e-6)
+    for a, b in zip(plain[0].parameters(), scaled[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(plain[1].weight, scaled[1].weight, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == 2.0 ** 12                     # no overflow, not yet grown
+
+
+def test_overflow_skips_the_whole_step_and_lowers_the_scale():
+    x, y = torch.randn(6, 12), torch.randint(0, 30, (6, 2))
+    parts = _setup()
+    before = [p.detach().clone() for p in parts[0].parameters()]
+    centres = parts[1].weight.detach().clone()
+    # the scaled gradient overflows fp32; the backoff brings the next scale to 2**17
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -110)
+    loss, gnorm, applied = _step(parts, x, y, scaler)
+    assert not applied and not torch.isfinite(torch.tensor(gnorm)) and torch.isfinite(torch.tensor(loss))
+    assert all(torch.equal(a, b) for a, b in zip(before, parts[0].parameters()))
+    assert torch.equal(centres, parts[1].weight) and len(parts[2].state) == 0
+    assert int(parts[3].state[parts[1].weight]["step"].sum()) == 0     # no centre row moved
+    assert scaler.get_scale() == 2.0 ** 17
+    assert _step(parts, x, y, scaler)[2] and not torch.equal(centres, parts[1].weight)  # the next one applies
+
+
+def test_precision_key():
+    base = ["output_dir=/tmp/x", "data.synthetic=true", "loss.num_classes=10", "train.steps=5",
+            "train.global_batch_size=8"]
+    assert C.validate(C.build_config(None, base + ["train.precision=fp16"])).train.precision == "fp16"
+    with pytest.raises(MLCDError, match="'train.precision': must be one of bf16, fp16, fp32, got 'fp8'"):
+        C.validate(C.build_config(None, base + ["train.precision=fp8"]))
+    assert train.make_scaler("fp16", torch.device("cpu")) is None
+    assert train.make_scaler("bf16", torch.device("cuda")) is None
+    assert isinstance(train.autocast_context("fp16", torch.device("cpu")), type(train.nullcontext()))
+
+
+def _args(out, *extra):
+    return [f"output_dir={out}", "data.synthetic=true", "loss.num_classes=32", "loss.l=2", "model.name=ViT-Tiny-4-28",
+            "model.overrides={width: 32, layers: 2, heads: 2, output_dim: 16}", "train.global_batch_size=4",
+            "train.log_every=1", "optim.warmup_steps=0", "train.steps=3", *extra]
+
+
+def test_trainer_loop_with_a_scaler_matches_fp32_and_saves_its_state(tmp_path, monkeypatch, capsys):
+    assert train.main(_args(tmp_path / "fp32", "train.precision=fp32")) == 0
+    assert train.main(_args(tmp_path / "cpu16", "train.precision=fp16")) == 0
+    assert "train.precision=fp16 runs in fp32 on the CPU" in capsys.readouterr().err
+    made = []
+
+    def forced(precision, device):
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2))
+        return made[-1]
+
+    monkeypatch.setattr(train, "make_scaler", forced)
+    assert train.main(_args(tmp_path / "scaled", "train.precision=fp16")) == 0
+    assert made and made[0].get_scale() == 2.0 ** 11            # grew once after 2 clean steps: the path ran
+
+    def final(out):
+        folder = list_checkpoints(out / "checkpoints")[-1][1]
+        return (torch.load(folder / "model.pt", weights_only=True)["state_dict"],
+                torch.load(folder / "trainer_state.pt", weights_only=True))
+    ref, st_ref = final(tmp_path / "fp32")
+    got, st = final(tmp_path / "scaled")
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    assert st_ref["scaler"] is None and st["scaler"]["scale"] == 2.0 ** 11
+    # a resume restores the scale the run had reached
+    assert train.main(_args(tmp_path / "scaled", "train.precision=fp16", "train.steps=4")) == 0
+    assert made[-1].get_scale() == 2.0 ** 12                    # 2 ** 10 had the state not been loaded
