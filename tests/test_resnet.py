@@ -3,7 +3,6 @@ own model with identical outputs, the ``mlcd:`` embedder, and drop path seeded."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -9,6 +9,7 @@ from .registry import (FAMILIES, PRESETS, build_model, config_from_dict, create_
 from .resnet import ResNetConfig, is_resnet, timm_resnet
 from .vit import ViTConfig, VisionTransformer, count_params, vit_flops_per_image
 
-__all__ = ["FAMILIES", "ResNetConfig", "build_model", "family_of", "is_resnet", "timm_resnet", "PRESETS", "ViTConfig", "VisionTransformer", "config_from_dict", "count_params", "create_model",
+__all__ = ["FAMILIES", "ResNetConfig", "build_model", "family_of", "is_resnet", "timm_resnet",
+           "PRESETS", "ViTConfig", "VisionTransformer", "config_from_dict", "count_params", "create_model",
            "create_model_from_config", "get_model_config", "list_models", "model_config_to_dict",
            "vit_flops_per_image"]

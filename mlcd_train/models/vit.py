@@ -51,7 +51,7 @@ class ViTConfig:
     pos_embed: str = "abs"
     output_dim: Optional[int] = 512
     act: str = "gelu"
-    drop_path: float = 0.0          # stochastic depth: block i of L is skipped with rate drop_path * i / (L - 1)
+    drop_path: float = 0.0          # stochastic depth: block i of L skipped with rate drop_path * i / (L - 1)
 
     @property
     def head_dim(self) -> int:
@@ -74,7 +74,8 @@ class ViTConfig:
         if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
             raise MLCDError(f"model config {self.name!r}: mlp_ratio must be positive, got {self.mlp_ratio!r}")
         if self.pos_embed not in POS_EMBEDS:
-            raise MLCDError(f"model config {self.name!r}: pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+            raise MLCDError(f"model config {self.name!r}: pos_embed must be one of {POS_EMBEDS}, "
+                            f"got {self.pos_embed!r}")
         if self.act not in ACTS:
             raise MLCDError(f"model config {self.name!r}: act must be one of {ACTS}, got {self.act!r}")
         if self.output_dim in (0, None):
