@@ -19,6 +19,8 @@ STAGES = {
     "export": ("mlcd_train.export", "export the backbone of a training checkpoint as a flat native state dict"),
     "convert": ("mlcd_train.convert", "convert a native export to a Hugging Face directory (or import one)"),
     "probe": ("mlcd_train.probe", "linear probe and k-NN on frozen features"),
+    "plan": ("mlcd_train.plan", "GPU memory per rank of a training config (DDP / FSDP, checkpointing) and the "
+             "largest batch that fits"),
     "pipeline": ("mlcd_train.pipeline", "run shards -> embed -> cluster -> assign -> train -> export -> probe from a "
                  "YAML, round after round (the student becomes the next round's teacher)"),
     "demo": ("mlcd_train.demo", "run the whole pipeline end to end on the shipped Fashion-MNIST sample"),
