@@ -1,266 +1,126 @@
-"""``mlcd demo``: the whole MLCD pipeline end to end on the shipped Fashion-MNIST sample.
+"""``mlcd demo``: ``mlcd pipeline`` end to end on the shipped Fashion-MNIST sample, plus baselines.
 
-    mlcd demo --out demo_out                 # about 5-10 minutes on 2 CPU cores
-    mlcd demo --out demo_out --quick         # a few dozen steps, about a minute or two
+    mlcd demo --out demo_out                 # several minutes on 2 CPU cores
+    mlcd demo --out demo_out --quick         # a few dozen steps
+    mlcd demo --out demo_out --model ViT-Tiny-4-28 --rounds 2
 
-Stages (each one is the real ``mlcd`` stage, run with the arguments printed in the log):
+The demo builds a pipeline config for the sample (``OUT/pipeline_config.yaml``, the same file
+``mlcd pipeline --config`` takes) and runs it (mlcd_train/pipeline.py):
 
-  1. shards   the sample's train (3000 images) and test (1000) splits -> WebDataset shards
-  2. embed    the teacher: ``pca`` (pixels PCA-whitened to 64 dims), fitted on the train split
-  3. cluster  spherical k-means of the teacher embeddings (k centres, faiss)
-  4. assign   each image's top-l centres (l = 8) are its labels
-  5. train    a tiny ViT (ViT-Tiny-4-28) with the MLCD loss and PartialFC on 2 ranks under
-              torchrun (gloo on CPU): ``python -m torch.distributed.run --nproc_per_node 2
-              -m mlcd_train.train --config fashion_mnist_sample ...``
-  6. export   the student's backbone -> native ``student.pt`` + ``student.json``
-  7. convert  -> a Hugging Face directory (``MLCDVisionModel`` / ``CLIPVisionModel``), which
-              ``mlcd convert`` reloads and compares; the demo reloads it once more with
-              ``transformers`` and compares it with the native model on real test images; any
-              difference stops the demo with an error
-  8. probe    linear probe + 20-NN on the test split for the student (through the Hugging Face
-              directory), a randomly initialised student of the same shape, and the teacher
+  1. shards   the sample's train (3000 images) and test (1000) splits -> ``shards/``
+  2. embed    round 1's teacher: ``pca`` (pixels PCA-whitened to 64 dims) -> ``round_1/emb``
+  3. cluster  spherical k-means of the teacher embeddings (k centres) -> ``round_1/clusters``
+  4. assign   each image's top-l centres are its labels -> ``round_1/labels``
+  5. train    the student (default in DEMO_DEFAULTS below) with the MLCD loss and PartialFC on
+              2 gloo ranks under torchrun, with a 20-NN evaluation on the test split every
+              steps/5 steps -> ``round_1/train``
+  6. export   the student's backbone -> ``round_1/export/student.pt`` + ``.json``
+  7. probe    linear probe + 20-NN of the student on the test split -> ``round_1/probe``
+  with ``--rounds N``, round R+1 repeats 2-7 with round R's student as the teacher.
 
-Everything lands in ``--out``: ``shards/``, ``emb/``, ``clusters/``, ``labels/``, ``train/``
-(config, metrics.jsonl, tensorboard logs in ``train/tb``, checkpoints), ``export/``, ``hf/``,
-``probe/``, ``loss_curve.png``, ``summary.json`` and ``logs/``.  Rerunning with the same
-``--out`` resumes: finished stages are skipped (training continues from its last checkpoint).
-Exit status 0 when every stage succeeded; a missing or failing stage stops the demo with a
-message naming it and a non-zero status.
+Then the demo's extras: the same probe for a randomly initialised student of the same shape
+and for the teacher (``baselines/``); for a ViT student the last round's export is converted to
+a Hugging Face directory (``hf/``), reloaded with ``transformers`` and compared with the native
+model on real test images (any difference stops the demo).  The summary: a table (stage, time,
+key figure), ``summary.json``, ``loss_curve.png``, ``knn_curve.png`` (the in-training k-NN) and
+``probe_bars.png`` (student, teacher and random init side by side).  Rerunning with the same
+``--out`` resumes: finished stages are skipped; the conversion check is redone.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mlcd_train.pipeline import Pipeline, format_rows, plot_probe_bars, read_eval, read_metrics, validate
 from mlcd_train.utils.errors import MLCDError
 
-# module -> stage that provides it
-REQUIRED_MODULES = {
-    "mlcd_train.data.shards": "shards", "mlcd_train.data.reader": "reader", "clustering.embed": "embed",
-    "clustering.embedders": "embedders", "clustering.kmeans": "cluster", "clustering.assign": "assign",
-    "mlcd_train.train": "train", "mlcd_train.export": "export", "mlcd_train.convert": "convert",
-    "mlcd_train.probe": "probe",
+__all__ = ["DEMO_DEFAULTS", "main", "read_metrics", "read_eval"]
+
+# The demo's recipe, in one place.  "overrides" are trainer key=value pairs applied after the
+# preset and the settings below (and before --set).
+DEMO_DEFAULTS = {
+    "config": "fashion_mnist_sample",   # trainer preset
+    "model": "ResNet-18-w16-28",        # student preset (mlcd_train.models.list_models())
+    "k": 200,                           # clusters
+    "l": 8,                             # labels per image
+    "steps": 300,
+    "batch_size": 128,                  # global batch over the ranks
+    "warmup": None,                     # None: min(100, steps // 5)
+    "eval_fraction": 5,                 # in-training k-NN every steps // eval_fraction steps (0: off)
+    "pca_dim": 64,                      # teacher dimension
+    "nproc": 2,
+    "rounds": 1,
+    "overrides": [],                    # e.g. ["optim.lr=2e-3", "loss.sample_rate=1.0"]
 }
-CONFIG = "fashion_mnist_sample"
+# --quick replaces these
+DEMO_QUICK = {"k": 50, "steps": 40, "batch_size": 64}
 
 
-def missing_parts() -> list[str]:
-    """What the demo needs and cannot find (modules of other stages, the training preset)."""
-    missing = []
-    for mod, stage in REQUIRED_MODULES.items():
-        try:
-            found = importlib.util.find_spec(mod) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            missing.append(f"stage {stage!r} ({mod})")
-    from mlcd_train.config import CONFIGS_DIR
+def sample_subset(split: str, n: int, folder, write: bool = True) -> str:
+    """The first ``n`` images of the sample's ``split`` as IDX files in ``folder`` (classes are mixed in IDX
+    order); returns the images file.  Files already there are kept (``write=False``: only the path)."""
+    from mlcd_train.data.sample import SAMPLE_DIR, sample_paths
+    from mlcd_train.data.shards import idx_bytes, read_idx
+    from mlcd_train.utils.io import atomic_write_bytes
 
-    if not (CONFIGS_DIR / f"{CONFIG}.yaml").is_file():
-        missing.append(f"training preset configs/{CONFIG}.yaml")
-    return missing
+    d = Path(folder)
+    stem = "train" if split == "train" else "t10k"
+    img, lbl = d / f"{stem}-images-idx3-ubyte.gz", d / f"{stem}-labels-idx1-ubyte.gz"
+    if write:
+        images, labels = sample_paths(split)
+        if not lbl.is_file():
+            atomic_write_bytes(lbl, idx_bytes(read_idx(labels)[:n]))
+        if not img.is_file():
+            atomic_write_bytes(img, idx_bytes(read_idx(images)[:n]))
+        if not (d / "classes.json").is_file():
+            atomic_write_bytes(d / "classes.json", (SAMPLE_DIR / "classes.json").read_bytes())
+    return str(img)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pipeline_config(args, out: Path, write_subsets: bool = False) -> dict:
+    """The pipeline config of the demo's settings (validated; inputs are the sample or its subsets,
+    written into ``out/sample_subset`` only with ``write_subsets``)."""
+    a = args
+    inputs = {"train": "sample", "test": "sample:test"}
+    for split, n in (("train", a.train_images), ("test", a.test_images)):
+        if n:
+            inputs[split] = sample_subset(split, n, out / "sample_subset", write=write_subsets)
+    overrides = [f"model.name={a.model}", f"train.steps={a.steps}", f"train.global_batch_size={a.batch_size}",
+                 f"optim.warmup_steps={a.warmup}", f"train.save_every={a.steps}",
+                 f"train.log_every={max(1, min(10, a.steps // 20))}", "train.device=cpu", "data.num_workers=1"]
+    overrides += list(DEMO_DEFAULTS["overrides"]) + list(a.set or [])
+    probe = {"enabled": True}
+    if a.quick:
+        probe.update(l2_grid="1e-4,1e-2,1", max_iter=200)
+    cfg = {"out": str(out), "input": {**inputs, "shard_size": 500},
+           "teacher": {"model": "pca", "dim": a.pca_dim, "image_size": 28},
+           "k": a.k, "l": a.l, "rounds": a.rounds,
+           "train": {"config": DEMO_DEFAULTS["config"], "overrides": overrides},
+           "eval_every": max(1, a.steps // a.eval_fraction) if a.eval_fraction else 0,
+           "nproc": a.nproc, "probe": probe, "workers": 0, "threads": 2, "seed": a.seed}
+    return validate(cfg, "demo settings")
 
 
 class Demo:
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out).resolve()
-        self.rows: list[dict] = []
-        self.logs = self.out / "logs"
 
-    # ------------------------------------------------------------------ helpers
-    def p(self, *parts) -> str:
-        return str(self.out.joinpath(*parts))
+    def p(self, *parts) -> Path:
+        return self.out.joinpath(*parts)
 
     def say(self, msg: str) -> None:
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
-    def call(self, stage: str, module: str, argv: list[str]) -> None:
-        """Run ``module.main(argv)`` in this process; any failure names the stage."""
-        self.say(f"mlcd {stage} {' '.join(argv)}")
-        mod = importlib.import_module(module)
-        rc = mod.main(argv)
-        if rc:
-            raise MLCDError(f"mlcd {stage} exited with status {rc}")
-
-    def run_stage(self, name: str, fn) -> None:
-        t0 = time.perf_counter()
-        self.say(f"--- {name}")
-        try:
-            figure = fn()
-        except MLCDError as exc:
-            raise MLCDError(f"stage {name}: {exc}") from None
-        dt = time.perf_counter() - t0
-        self.rows.append({"stage": name, "seconds": round(dt, 1), "result": figure})
-        self.say(f"--- {name} done in {dt:.1f}s: {figure}")
-
-    # ------------------------------------------------------------------ stages
-    def subset(self, split: str, n: int) -> str:
-        """The first ``n`` images of the sample's ``split`` as IDX files (classes are mixed in IDX order)."""
-        import shutil
-
-        from mlcd_train.data.sample import SAMPLE_DIR, sample_paths
-        from mlcd_train.data.shards import idx_bytes, read_idx
-        from mlcd_train.utils.io import atomic_write_bytes
-
-        images, labels = sample_paths(split)
-        d = self.out / "sample_subset"
-        stem = "train" if split == "train" else "t10k"
-        img = d / f"{stem}-images-idx3-ubyte.gz"
-        atomic_write_bytes(img, idx_bytes(read_idx(images)[:n]))
-        atomic_write_bytes(d / f"{stem}-labels-idx1-ubyte.gz", idx_bytes(read_idx(labels)[:n]))
-        shutil.copy(SAMPLE_DIR / "classes.json", d / "classes.json")
-        return str(img)
-
-    def shards(self) -> str:
-        sizes = []
-        limits = {"train": self.args.train_images, "test": self.args.test_images}
-        for split, src in (("train", "sample"), ("test", "sample:test")):
-            if limits[split]:
-                src = self.subset(split, limits[split])
-            out = self.p("shards", split)
-            if not (Path(out) / "sizes.json").exists():
-                self.call("shards", "mlcd_train.data.shards", ["--input", src, "--out", out, "--shard-size", "500"])
-            sizes.append(sum(json.loads((Path(out) / "sizes.json").read_text()).values()))
-        return f"{sizes[0]} train / {sizes[1]} test images"
-
-    def embed(self) -> str:
-        self.call("embed", "clustering.embed", ["--shards", self.p("shards", "train"), "--out", self.p("emb"),
-                                               "--model", "pca", "--dim", str(self.args.pca_dim),
-                                               "--image-size", "28", "--workers", "0"])
-        meta = json.loads(Path(self.p("emb", "meta.json")).read_text())
-        return f"{meta['total']} x {meta['dim']} ({meta['embedder']})"
-
-    def cluster(self) -> str:
-        self.call("cluster", "clustering.kmeans", ["--emb", self.p("emb"), "--k", str(self.args.k),
-                                                  "--out", self.p("clusters"), "--seed", str(self.args.seed),
-                                                  "--threads", "2"])
-        meta = json.loads(Path(self.p("clusters", "meta.json")).read_text())
-        return f"k = {meta.get('k', self.args.k)}, {meta.get('iterations', '?')} iterations"
-
-    def assign(self) -> str:
-        self.call("assign", "clustering.assign", ["--emb", self.p("emb"), "--centroids",
-                                                 self.p("clusters", "centroids.npy"), "--topk", str(self.args.l),
-                                                 "--out", self.p("labels"), "--threads", "2"])
-        stats_path = Path(self.p("labels", "stats.json"))
-        if stats_path.exists():
-            stats = json.loads(stats_path.read_text())
-            purity = _find(stats, "purity")
-            if isinstance(purity, (int, float)):
-                return f"top-{self.args.l} labels, top-1 cluster purity {100 * purity:.1f}%"
-        return f"top-{self.args.l} labels"
-
-    def train_cmd(self) -> list[str]:
-        a = self.args
-        overrides = [f"output_dir={self.p('train')}", f"seed={a.seed}", f"data.shards={self.p('shards', 'train')}",
-                     f"data.labels={self.p('labels')}", f"train.steps={a.steps}", f"loss.l={a.l}",
-                     f"train.save_every={a.steps}", f"train.log_every={max(1, min(10, a.steps // 20))}",
-                     "train.device=cpu", "data.num_workers=1"]
-        if a.batch_size:
-            overrides.append(f"train.global_batch_size={a.batch_size}")
-        if a.warmup is not None:
-            overrides.append(f"optim.warmup_steps={a.warmup}")
-        overrides += a.set or []
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(a.nproc),
-                  "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        if a.nproc == 1:
-            launch = [sys.executable]
-        return launch + ["-m", "mlcd_train.train", "--config", CONFIG] + overrides
-
-    def steps(self) -> int:
-        """Training steps in effect: --steps, unless a --set train.steps=N comes after it."""
-        n = self.args.steps
-        for kv in self.args.set or []:
-            key, _, value = kv.partition("=")
-            if key.strip() == "train.steps" and value.strip().isdigit():
-                n = int(value)
-        return n
-
-    def train(self) -> str:
-        done = Path(self.p("train", "checkpoints", f"step_{self.steps():08d}", "meta.json"))
-        if done.exists():
-            self.say(f"training already finished ({done.parent}); not relaunching torchrun")
-            return self._train_figure()
-        cmd = self.train_cmd()
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs / "train.log"
-        self.say(" ".join(cmd) + f"   (log: {log_path})")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-            for line in proc.stdout:
-                log.write(line)
-                if not self.args.quiet_train:
-                    sys.stderr.buffer.write(line)
-                    sys.stderr.flush()
-            rc = proc.wait()
-        if rc:
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            raise MLCDError(f"torchrun exited with status {rc}; see {log_path}:\n" + "\n".join(tail))
-        return self._train_figure()
-
-    def _train_figure(self) -> str:
-        recs = read_metrics(self.p("train", "metrics.jsonl"))
-        if not recs:
-            raise MLCDError(f"{self.p('train', 'metrics.jsonl')} has no records")
-        first, last = recs[0], recs[-1]
-        return (f"{last['step']} steps x {self.args.nproc} ranks, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
-                f"{last.get('img_per_s', float('nan')):.0f} img/s")
-
-    def export(self) -> str:
-        self.call("export", "mlcd_train.export", ["--checkpoint", self.p("train"), "--out",
-                                                 self.p("export", "student.pt")])
-        side = json.loads(Path(self.p("export", "student.json")).read_text())
-        cfg = side["model_config"]
-        # a student of the same shape at its random initialisation: the probe's floor
-        import torch
-
-        from mlcd_train.export import save_native
-        from mlcd_train.models import create_model_from_config
-
-        torch.manual_seed(self.args.seed)
-        rand = create_model_from_config(cfg)
-        save_native(rand.state_dict(), cfg, self.p("export", "random_init.pt"), source="random init")
-        return f"{cfg['name']} step {side['step']} -> export/student.pt"
-
-    def convert(self) -> str:
-        self.call("convert", "mlcd_train.convert", ["--checkpoint_path", self.p("export", "student.pt"),
-                                                   "--pytorch_dump_folder_path", self.p("hf"), "--overwrite"])
-        report = check_hf_reload(self.p("export", "student.pt"), self.p("hf"), self.p("shards", "test"))
-        return (f"{report['hf_class']} reloaded, pooled max rel diff {report['pooled_max_rel_diff']:.1e} "
-                f"on {report['images']} test images")
-
-    def probe(self, name: str, spec: str, fresh: bool) -> str:
-        a = self.args
-        js = self.p("probe", f"{name}.json")
-        argv = ["--embedder", spec, "--train", self.p("shards", "train"), "--test", self.p("shards", "test"),
-                "--out", self.p("probe"), "--json", js, "--workers", "0"]
-        if fresh:
-            argv.append("--overwrite-features")
-        if a.quick:
-            argv += ["--l2-grid", "1e-4,1e-2,1", "--max-iter", "200"]
-        self.call("probe", "mlcd_train.probe", argv)
-        res = json.loads(Path(js).read_text())
-        self.probes[name] = res
-        return f"linear {100 * res['linear']['top1']:.1f}%, 20-NN {100 * res['knn']['top1']:.1f}%"
-
     def settings(self) -> dict:
         a = self.args
-        return {"k": a.k, "l": a.l, "steps": a.steps, "batch_size": a.batch_size, "warmup": a.warmup,
-                "nproc": a.nproc, "pca_dim": a.pca_dim, "seed": a.seed, "set": a.set or [], "config": CONFIG,
+        return {"model": a.model, "k": a.k, "l": a.l, "steps": a.steps, "batch_size": a.batch_size,
+                "warmup": a.warmup, "eval_fraction": a.eval_fraction, "nproc": a.nproc, "rounds": a.rounds,
+                "pca_dim": a.pca_dim, "seed": a.seed, "set": a.set or [], "config": DEMO_DEFAULTS["config"],
+                "overrides": list(DEMO_DEFAULTS["overrides"]), "quick": bool(a.quick),
                 "train_images": a.train_images, "test_images": a.test_images}
 
     def check_settings(self) -> None:
@@ -277,73 +137,108 @@ class Demo:
         else:
             atomic_save_json(path, self.settings())
 
+    # ------------------------------------------------------------------ extras
+    def random_init(self, pipe: Pipeline) -> None:
+        """A student of the same shape at its random initialisation (seeded): the probe's floor."""
+        import torch
+
+        from mlcd_train.export import save_native
+        from mlcd_train.models import create_model_from_config
+        from mlcd_train.utils.io import load_json
+
+        cfg = load_json(pipe.student(1).with_suffix(".json"))["model_config"]
+        torch.manual_seed(self.args.seed)
+        rand = create_model_from_config(cfg)
+        save_native(rand.state_dict(), cfg, self.p("baselines", "random_init.pt"), source="random init")
+
+    def baseline_probe(self, pipe: Pipeline, name: str, spec: str, make=None) -> None:
+        """``mlcd probe`` of a baseline into ``baselines/probe/NAME.json`` (skipped when it exists)."""
+        js = self.p("baselines", "probe", f"{name}.json")
+
+        def run():
+            if make is not None:
+                make()
+            pipe.probe(spec, self.p("baselines", "probe"), js, fresh=make is not None)
+
+        pipe.stage(f"probe {name.replace('_', ' ')}", lambda: js if js.is_file() else None, run,
+                   lambda: _probe_figure(js))
+        self.probes[name] = json.loads(js.read_text())
+
+    def bars(self, last: int) -> dict:
+        """Probe results in bar order: earlier rounds' students, the student, the teacher, random init."""
+        bars = {f"round {r} student": self.probes[f"round {r} student"] for r in range(1, last)}
+        bars["student" if last == 1 else f"round {last} student"] = self.probes["student"]
+        bars[f"teacher (pca {self.args.pca_dim})"] = self.probes["teacher"]
+        bars["random init"] = self.probes["random_init"]
+        return bars
+
+    def convert(self, pipe: Pipeline, rnd: int) -> str:
+        """Native -> Hugging Face (``mlcd convert`` checks it), then reloaded with transformers on test images."""
+        pt, hf = pipe.student(rnd), self.p("hf")
+        pipe.call("convert", "mlcd_train.convert", ["--checkpoint_path", str(pt), "--pytorch_dump_folder_path",
+                                                   str(hf), "--overwrite"])
+        report = check_hf_reload(str(pt), str(hf), str(pipe.shards_dir("test")))
+        self.hf_report = report
+        return (f"{report['hf_class']} reloaded, pooled max rel diff {report['pooled_max_rel_diff']:.1e} "
+                f"on {report['images']} test images")
+
     # ------------------------------------------------------------------ driver
     def run(self) -> int:
-        missing = missing_parts()
-        if missing:
-            print("mlcd demo: cannot run, these parts of the pipeline are not built yet:\n  "
-                  + "\n  ".join(missing), file=sys.stderr)
-            return 3
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.check_settings()
-        self.probes: dict = {}
-        t0 = time.perf_counter()
-        self.run_stage("shards", self.shards)
-        self.run_stage("embed (pca teacher)", self.embed)
-        self.run_stage("cluster", self.cluster)
-        self.run_stage("assign", self.assign)
-        self.run_stage(f"train ({self.args.nproc} ranks)", self.train)
-        self.run_stage("export", self.export)
-        self.run_stage("convert + HF reload", self.convert)
-        self.run_stage("probe student (HF)", lambda: self.probe("student", "hf:" + self.p("hf"), True))
-        if not self.args.quick:
-            self.run_stage("probe random-init student", lambda: self.probe(
-                "random_init", "mlcd:" + self.p("export", "random_init.pt"), True))
-        self.run_stage("probe teacher (pca)", lambda: self.probe(
-            "teacher", "pca:" + self.p("emb", "pca.npz"), False))
-        plot = plot_loss_curve(self.p("train", "metrics.jsonl"), self.p("loss_curve.png"))
-        total = time.perf_counter() - t0
-        from mlcd_train.utils.io import atomic_save_json
+        import yaml
 
+        from mlcd_train.models.registry import family_of
+        from mlcd_train.utils.io import atomic_save_json, atomic_write_text
+
+        a = self.args
+        family = family_of(a.model)  # an unknown preset is refused before anything is written
+        pipeline_config(a, self.out)  # bad --set keys are refused before anything is written
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.check_settings()  # then the subsets: a rerun with other settings leaves the folder alone
+        cfg = pipeline_config(a, self.out, write_subsets=True)
+        atomic_write_text(self.p("pipeline_config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+        t0 = time.perf_counter()
+        pipe = Pipeline(cfg, quiet_train=a.quiet_train, say=self.say)
+        pipe.run()
+        last = cfg["rounds"]
+        self.probes = {"student": pipe.probes[f"round {last} student"]}
+        if last > 1:
+            self.probes.update({f"round {r} student": pipe.probes[f"round {r} student"] for r in range(1, last)})
+        self.baseline_probe(pipe, "teacher", f"pca:{pipe.rdir(1, 'emb', 'pca.npz')}")
+        self.baseline_probe(pipe, "random_init", f"mlcd:{self.p('baselines', 'random_init.pt')}",
+                            make=lambda: self.random_init(pipe))
+        self.hf_report = None
+        if family == "vit":
+            t1 = time.perf_counter()
+            self.say("--- convert + HF reload")
+            try:
+                figure = self.convert(pipe, last)
+            except MLCDError as exc:
+                raise MLCDError(f"stage convert: {exc}") from None
+            pipe.rows.append({"stage": "convert + HF reload", "seconds": round(time.perf_counter() - t1, 1),
+                              "result": figure, "skipped": False})
+        metrics = pipe.rdir(last, "train", "metrics.jsonl")
+        plots = {"loss_curve": plot_loss_curve(metrics, self.p("loss_curve.png")),
+                 "knn_curve": plot_knn_curve({f"round {r}": pipe.rdir(r, "train", "metrics.jsonl")
+                                              for r in range(1, last + 1)}, self.p("knn_curve.png")),
+                 "probe_bars": plot_probe_bars(self.bars(last), self.p("probe_bars.png"),
+                                               f"{a.model}, {a.steps} steps, k={a.k}, l={a.l}: top-1 on the "
+                                               "test split")}
+        total = time.perf_counter() - t0
         atomic_save_json(self.p("summary.json"), {
-            "seconds": round(total, 1), "stages": self.rows, "probe": self.probes,
-            "settings": self.settings(),
-            "train_command": self.train_cmd()})
-        print(format_rows(self.rows, total))
-        print(f"\nartefacts in {self.out}: loss curve {plot}, summary {self.p('summary.json')}")
-        print(f"tensorboard logs: tensorboard --logdir {self.p('train', 'tb')}")
+            "seconds": round(total, 1), "stages": pipe.rows, "probe": self.probes, "settings": self.settings(),
+            "pipeline_config": cfg, "hf_reload": self.hf_report, "plots": plots,
+            "in_training_knn": {f"round {r}": read_eval(pipe.rdir(r, "train", "metrics.jsonl"))
+                                for r in range(1, last + 1)}})
+        print(format_rows(pipe.rows, total))
+        print(f"\nartefacts in {self.out}: {', '.join(Path(v).name for v in plots.values() if v)}, "
+              f"summary {self.p('summary.json')}")
+        print(f"tensorboard logs: tensorboard --logdir {pipe.rdir(last, 'train', 'tb')}")
         return 0
 
 
-def _find(obj, key):
-    """First value of ``key`` anywhere in a nested dict."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            got = _find(v, key)
-            if got is not None:
-                return got
-    return None
-
-
-def read_metrics(path) -> list[dict]:
-    """Records of a trainer metrics.jsonl, one per step (the last one wins after a resume)."""
-    by_step = {}
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if "step" in rec and "loss" in rec:
-                by_step[int(rec["step"])] = rec
-    return [by_step[s] for s in sorted(by_step)]
+def _probe_figure(js: Path) -> str:
+    res = json.loads(js.read_text())
+    return f"linear {100 * res['linear']['top1']:.1f}%, 20-NN {100 * res['knn']['top1']:.1f}%"
 
 
 def plot_loss_curve(metrics_path, png_path) -> str:
@@ -352,7 +247,7 @@ def plot_loss_curve(metrics_path, png_path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mlcd_train.utils.io import atomic_open
+    from mlcd_train.pipeline import _save_fig
 
     recs = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -366,11 +261,31 @@ def plot_loss_curve(metrics_path, png_path) -> str:
         ax2.set_ylabel("learning rate", color="tab:orange")
         ax2.tick_params(axis="y", colors="tab:orange")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(png_path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-    return str(png_path)
+    return _save_fig(fig, png_path)
+
+
+def plot_knn_curve(metrics_by_round: dict, png_path) -> str | None:
+    """The in-training k-NN top-1 (eval records of metrics.jsonl) per round; None when there are none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlcd_train.pipeline import _save_fig
+
+    curves = {name: read_eval(path) for name, path in metrics_by_round.items()}
+    if not any(curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, recs in curves.items():
+        if recs:
+            ax.plot([r["step"] for r in recs], [100 * r["knn_top1"] for r in recs], marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("20-NN top-1 on the test split (%)")
+    ax.set_title("k-NN evaluation during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_fig(fig, png_path)
 
 
 def check_hf_reload(native_pt: str, hf_dir: str, test_shards: str, n_images: int = 32) -> dict:
@@ -415,35 +330,35 @@ def check_hf_reload(native_pt: str, hf_dir: str, test_shards: str, n_images: int
     return {"hf_class": type(hf_model).__name__, "images": len(images), **checks}
 
 
-def format_rows(rows: list[dict], total: float) -> str:
-    w = max(len("stage"), *(len(r["stage"]) for r in rows))
-    lines = [f"{'stage'.ljust(w)}  {'time':>8}  result", f"{'-' * w}  {'-' * 8}  {'-' * 40}"]
-    lines += [f"{r['stage'].ljust(w)}  {r['seconds']:>7.1f}s  {r['result']}" for r in rows]
-    lines.append(f"{'total'.ljust(w)}  {total:>7.1f}s")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    d, q = DEMO_DEFAULTS, DEMO_QUICK
     p = argparse.ArgumentParser(prog="mlcd demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created; a rerun resumes)")
-    p.add_argument("--k", type=int, default=None, help="clusters (default 200; --quick 50)")
-    p.add_argument("--l", type=int, default=8, help="labels (positive centres) per image (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick 40)")
+    p.add_argument("--model", default=d["model"], help=f"student preset (default {d['model']})")
+    p.add_argument("--rounds", type=int, default=d["rounds"],
+                   help=f"rounds; round R+1's teacher is round R's student (default {d['rounds']})")
+    p.add_argument("--k", type=int, default=None, help=f"clusters (default {d['k']}; --quick {q['k']})")
+    p.add_argument("--l", type=int, default=d["l"], help=f"labels (positive centres) per image (default {d['l']})")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {d['steps']}; "
+                                                           f"--quick {q['steps']})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch size over the ranks (default: the preset's 128; --quick 64)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(100, steps/5))")
-    p.add_argument("--nproc", type=int, default=2, help="training ranks under torchrun (default 2; 1: no torchrun)")
-    p.add_argument("--pca-dim", type=int, default=64, help="teacher dimension (default 64)")
+                   help=f"global batch size over the ranks (default {d['batch_size']}; --quick {q['batch_size']})")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="warm-up steps (default min(100, steps/5))")
+    p.add_argument("--eval-fraction", type=int, default=d["eval_fraction"],
+                   help=f"in-training k-NN every steps/N steps (default N = {d['eval_fraction']}; 0: off)")
+    p.add_argument("--nproc", type=int, default=d["nproc"],
+                   help=f"training ranks under torchrun (default {d['nproc']}; 1: in this process)")
+    p.add_argument("--pca-dim", type=int, default=d["pca_dim"], help=f"teacher dimension (default {d['pca_dim']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=None,
                    help="use only the first N of the sample's 3000 training images (smoke tests)")
     p.add_argument("--test-images", type=int, default=None,
                    help="use only the first N of the sample's 1000 test images (smoke tests)")
     p.add_argument("--quick", action="store_true",
-                   help="reduced setting for a smoke run: 40 steps, k 50, batch 64, smaller probe sweep, "
-                        "no random-init baseline")
-    p.add_argument("--quiet-train", action="store_true", help="keep the trainer's output in logs/train.log only")
+                   help=f"reduced setting for a smoke run: {q['steps']} steps, k {q['k']}, batch {q['batch_size']}, "
+                        "smaller probe sweep")
+    p.add_argument("--quiet-train", action="store_true", help="keep the trainer's output in logs/ only")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="extra trainer config override (repeatable), e.g. --set loss.name=unicom")
     return p
@@ -451,12 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.k is None:
-        args.k = 50 if args.quick else 200
-    if args.steps is None:
-        args.steps = 40 if args.quick else 300
-    if args.batch_size is None and args.quick:
-        args.batch_size = 64
+    base = {**DEMO_DEFAULTS, **(DEMO_QUICK if args.quick else {})}
+    for key in ("k", "steps", "batch_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
     if args.warmup is None:
         args.warmup = max(1, min(100, args.steps // 5))
     if min(args.steps, args.nproc, args.l, args.k) < 1:  # before demo_settings.json pins the folder
@@ -464,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{args.l}, {args.k})")
     if args.l > args.k:
         raise MLCDError(f"--l {args.l} exceeds --k {args.k}")
+    if args.rounds < 1 or args.eval_fraction < 0:
+        raise MLCDError(f"--rounds must be >= 1 and --eval-fraction >= 0 (got {args.rounds}, {args.eval_fraction})")
     return Demo(args).run()
 
 
