@@ -219,7 +219,9 @@ class Demo:
         metrics = pipe.rdir(last, "train", "metrics.jsonl")
         plots = {"loss_curve": plot_loss_curve(metrics, self.p("loss_curve.png")),
                  "knn_curve": plot_knn_curve({f"round {r}": pipe.rdir(r, "train", "metrics.jsonl")
-                                              for r in range(1, last + 1)}, self.p("knn_curve.png")),
+                                              for r in range(1, last + 1)}, self.p("knn_curve.png"),
+                                             {"teacher": self.probes["teacher"],
+                                              "random init": self.probes["random_init"]}),
                  "probe_bars": plot_probe_bars(self.bars(last), self.p("probe_bars.png"),
                                                f"{a.model}, {a.steps} steps, k={a.k}, l={a.l}: top-1 on the "
                                                "test split")}
@@ -264,8 +266,9 @@ def plot_loss_curve(metrics_path, png_path) -> str:
     return _save_fig(fig, png_path)
 
 
-def plot_knn_curve(metrics_by_round: dict, png_path) -> str | None:
-    """The in-training k-NN top-1 (eval records of metrics.jsonl) per round; None when there are none."""
+def plot_knn_curve(metrics_by_round: dict, png_path, refs: dict | None = None) -> str | None:
+    """The in-training k-NN top-1 (eval records of metrics.jsonl) per round, with the probe's 20-NN of
+    ``refs`` ({name: probe result}) as dashed lines; None when there are no eval records."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,6 +283,8 @@ def plot_knn_curve(metrics_by_round: dict, png_path) -> str | None:
     for name, recs in curves.items():
         if recs:
             ax.plot([r["step"] for r in recs], [100 * r["knn_top1"] for r in recs], marker="o", label=name)
+    for (name, res), color in zip((refs or {}).items(), ("tab:green", "tab:gray", "tab:red")):
+        ax.axhline(100 * res["knn"]["top1"], ls="--", color=color, label=f"{name} (20-NN probe)")
     ax.set_xlabel("step")
     ax.set_ylabel("20-NN top-1 on the test split (%)")
     ax.set_title("k-NN evaluation during training")
