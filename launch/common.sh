@@ -15,9 +15,11 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-# With torchrun's c10d rendezvous, workers share the agent's TCP store; after a restart they
-# can read the previous attempt's NCCL / gloo addresses from it and fail to connect
-# (pytorch/pytorch#135712).  A store of their own per attempt avoids that.
+# With torchrun's c10d rendezvous, workers share the agent's TCP store, which keeps the previous
+# attempt's NCCL / gloo addresses after a restart (pytorch/pytorch#135712).  Every mlcd stage
+# builds its group under a fresh key prefix per attempt (mlcd_train/utils/dist.py), so restarts
+# work either way; this setting (rank 0 hosts a store of its own per attempt) is kept as a
+# second line of defence for anything else the workers run.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 # GPUs this process may use: the entries of CUDA_VISIBLE_DEVICES when it is set (empty: none;
