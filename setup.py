@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "pyyaml>=6,<7",
     "tqdm>=4.64,<5",
     "matplotlib>=3.7,<4",
+    # the resnet family is timm's ResNet; its `channels` argument (narrow CPU presets) came in 1.0
+    "timm>=1.0.3,<2",
 ]
 
 EXTRAS = {
@@ -34,7 +36,6 @@ EXTRAS = {
         "pytest>=7",
         "pytest-timeout>=2.1",
         "scikit-learn>=1.3",
-        "timm>=0.9",
         "transformers>=4.52,<6",
         "safetensors>=0.4,<1",
         # the linter .ci/run runs (ruff.toml); a minor release can add rules, so one minor line
