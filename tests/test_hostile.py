@@ -537,3 +537,15 @@ def test_meta_files_with_wrong_types_name_the_file(tmp_path, capsys):
         return 0
 
     _fuzz(step / "meta.json", read_meta, capsys)
+
+
+def test_trainer_state_saved_alone_loads_without_unpickling(tmp_path):
+    from mlcd_train.trainer import checkpoint as ck
+
+    ck.save_trainer_state(tmp_path, {"step": 3, "world_size": 1, "rng": [ck.rng_state()], "positions": [{0: 5}]})
+    st = ck.load(tmp_path, "trainer_state.pt")
+    assert st["step"] == 3 and st["positions"] == [{0: 5}]
+    ck.set_rng_state(st["rng"][0])
+    ck.save_trainer_state(tmp_path, {"step": 3, "world_size": 2, "rng": [ck.rng_state()]})
+    with pytest.raises(MLCDError, match="trainer_state.pt: key 'rng' should hold one dict per rank"):
+        ck.load(tmp_path, "trainer_state.pt")

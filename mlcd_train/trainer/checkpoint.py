@@ -7,6 +7,11 @@
     pfc_rank{r}.pt    each rank's class-centre shard and its optimiser state
     meta.json         written last, after a barrier: its presence marks the checkpoint complete
 
+Under ``train.parallel=fsdp`` (trainer/parallel.py) ``model.pt`` and ``optimizer.pt`` are
+replaced by ``model_dcp/`` and ``optim_dcp/``, torch.distributed.checkpoint folders that every
+rank writes its part of (resharded on load to any number of ranks); ``meta.json`` then also
+holds ``"parallel": "fsdp"`` and the ``model_config`` (what ``mlcd export`` reads beside them).
+
 Every file goes through a temporary name and a rename (utils.io), so a kill during a save
 leaves the previous checkpoint untouched and this one without ``meta.json``; such a folder
 is ignored by :func:`latest_complete` and removed by the next resume.  Every file is loaded
@@ -107,6 +112,16 @@ def save_main_files(folder: Path, step: int, model_state: dict, model_config: di
                       folder / "model.pt")
     atomic_torch_save(optimizer_state, folder / "optimizer.pt")
     atomic_torch_save(trainer_state, folder / "trainer_state.pt")
+
+
+def save_trainer_state(folder: Path, trainer_state: dict) -> None:
+    """``trainer_state.pt`` alone (fsdp: the backbone and its optimiser go to DCP folders)."""
+    atomic_torch_save(trainer_state, folder / "trainer_state.pt")
+
+
+def save_trainer_state(folder: Path, state: dict) -> None:
+    """``trainer_state.pt`` alone (train.py's fsdp path, whose model and optimiser are sharded)."""
+    atomic_torch_save(state, Path(folder) / "trainer_state.pt")
 
 
 def write_meta(folder: Path, meta: dict) -> None:
