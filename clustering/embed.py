@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(pca_path) and not args.overwrite:
             opts["projection"] = pca_path
     embedder = get_embedder(args.model, **opts)
-    if args.model == "pca" and "projection" in opts and (embedder.dim, embedder.image_size) != (args.dim, args.image_size):
+    if (args.model == "pca" and "projection" in opts
+            and (embedder.dim, embedder.image_size) != (args.dim, args.image_size)):
         raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {args.dim} was asked "
                         f"(image size {embedder.image_size} vs {args.image_size}); use --overwrite or another --out")
     embedder.autocast = not args.no_autocast

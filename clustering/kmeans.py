@@ -297,7 +297,8 @@ def two_level(x: np.ndarray, k: int, niter: int, seed: int, init: str, init_samp
         fine_obj += st[-1]["obj"] if st else 0.0
         fine_iters.append(len(st))
     cent = np.concatenate(parts).astype(np.float32)
-    info = {"coarse_k": k1, "coarse_iterations": len(coarse_stats), "coarse_objective": [s["obj"] for s in coarse_stats],
+    info = {"coarse_k": k1, "coarse_iterations": len(coarse_stats),
+            "coarse_objective": [s["obj"] for s in coarse_stats],
             "coarse_sizes_min_max": [int(sizes.min()), int(sizes.max())],
             "fine_iterations_max": max(fine_iters) if fine_iters else 0,
             "fine_objective_sum_last_iteration": fine_obj}

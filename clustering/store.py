@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import check_regular, json_counts, json_field, load_json, open_regular, safe_np_load
+from mlcd_train.utils.io import json_counts, json_field, load_json, open_regular, safe_np_load
 
 META = "meta.json"
 

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca-dim", type=positive_int, default=64, help="pca: output dimension (default 64)")
     p.add_argument("--pca-image-size", type=positive_int, default=32, help="pca: image side in pixels (default 32)")
     p.add_argument("--knn-k", type=positive_int, default=20, help="neighbours that vote (default 20)")
-    p.add_argument("--temperature", type=positive_float, default=0.07, help="k-NN vote weight exp(sim/T) (default 0.07)")
+    p.add_argument("--temperature", type=positive_float, default=0.07,
+                   help="k-NN vote weight exp(sim/T) (default 0.07)")
     p.add_argument("--l2-grid", default=",".join(f"{v:g}" for v in DEFAULT_L2_GRID),
                    help="comma-separated L2 strengths swept on the held-out part (default 1e-6..10, log-spaced)")
     p.add_argument("--val-fraction", type=fraction_open, default=0.2,

@@ -215,7 +215,7 @@ def test_sparse_optimizer_leaves_unsampled_rows_bitwise_unchanged():
         opt = pfc.make_optimizer(lr=0.1, weight_decay=0.1, kind=kind, momentum=0.9)
         opt.rows_per_chunk = 4  # several row chunks
         names = ("step",) + opt.row_state_names()
-        for step in range(3):
+        for _ in range(3):
             before_w = pfc.weight.detach().clone()
             before_s = {n: opt.state[pfc.weight][n].clone() for n in names}
             opt.zero_grad()

@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pytest
 
 from mlcd_train.probe import knn_classify, linear_probe
 

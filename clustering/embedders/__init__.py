@@ -28,7 +28,6 @@ from mlcd_train.utils.errors import MLCDError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-KINDS = ("open_clip", "hf", "mlcd", "pca")
 
 
 class Embedder:
