@@ -1,6 +1,6 @@
 """``mlcd pipeline --config pipeline.yaml``: every stage on your own corpus, round after round.
 
-    mlcd pipeline --config configs/pipeline_example.yaml            # the shipped sample
+    mlcd pipeline --config examples/pipeline_sample.yaml            # the shipped sample
     mlcd pipeline --config my_corpus.yaml --out runs/mine           # --out wins over the YAML's out
 
 Stages, each the real ``mlcd`` stage called in this process (training under torchrun in a

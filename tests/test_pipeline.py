@@ -166,5 +166,5 @@ def test_a_rerun_with_other_settings_is_refused_but_more_rounds_are_not(corpus, 
 def test_shipped_example_config_is_valid():
     from pathlib import Path
 
-    cfg = pipeline.load(Path(__file__).resolve().parent.parent / "configs" / "pipeline_example.yaml")
+    cfg = pipeline.load(Path(__file__).resolve().parent.parent / "examples" / "pipeline_sample.yaml")
     assert cfg["input"]["train"] == "sample" and cfg["probe"]["enabled"]
