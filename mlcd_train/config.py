@@ -129,6 +129,9 @@ class TrainConfig:
     # on CPU bf16 and fp16 run in fp32
     device: str = "auto"                # auto | cpu | cuda
     max_nonfinite_steps: int = 10       # abort after this many non-finite steps in a row
+    parallel: str = "ddp"               # ddp | fsdp (FSDP2: sharded backbone + DCP checkpoints; trainer/parallel.py)
+    async_save: bool = False            # fsdp: write checkpoints in the background (dcp.async_save)
+    accum_steps: int = 1                # micro-batches per optimiser step (exactly one step at the full batch)
 
 
 @dataclass
@@ -401,6 +404,17 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
           f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     _need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
+    _need(t.parallel in ("ddp", "fsdp"), "train.parallel", f"must be ddp or fsdp, got {t.parallel!r}")
+    _need(isinstance(t.async_save, bool), "train.async_save", f"must be true or false, got {t.async_save!r}")
+    _need(not t.async_save or t.parallel == "fsdp", "train.async_save",
+          "needs train.parallel=fsdp (sharded checkpoints are the ones written in the background)")
+    _need(not (t.parallel == "fsdp" and t.precision == "fp16"), "train.parallel",
+          "fsdp runs with train.precision bf16 or fp32 (fp16 loss scaling of sharded gradients is not supported)")
+    _need(isinstance(t.accum_steps, int) and not isinstance(t.accum_steps, bool) and t.accum_steps >= 1,
+          "train.accum_steps", f"must be a positive integer, got {t.accum_steps!r}")
+    _need(t.global_batch_size % (world_size * t.accum_steps) == 0, "train.accum_steps",
+          f"global batch {t.global_batch_size} is not divisible by world size {world_size} x accum_steps "
+          f"{t.accum_steps}")
     _need(lo.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}, got {lo.name!r}")
     _need(0.0 < lo.sample_rate <= 1.0, "loss.sample_rate", f"must be in (0, 1], got {lo.sample_rate}")
     _need(lo.l >= 1, "loss.l", f"must be at least 1, got {lo.l}")

@@ -4,7 +4,10 @@
 
 ``--checkpoint`` is a trainer checkpoint file (``OUT/checkpoints/step_XXXXXXXX/model.pt``), a
 step folder, or a run's output folder (its newest complete checkpoint: the highest
-``step_*`` folder that has ``meta.json``).  Writes, each atomically:
+``step_*`` folder that has ``meta.json``).  A ``train.parallel=fsdp`` checkpoint has a
+``model_dcp/`` folder instead of ``model.pt``: its shards are read into one full state dict
+on one process (no process group), the config from the folder's ``meta.json``; the export
+is the same file a DDP run of the same weights gives.  Writes, each atomically:
 
 - ``X.pt``: the flat backbone state dict (tensors only, no ``module.`` / ``_orig_mod.``
   prefixes), loadable with ``torch.load(X, weights_only=True)``.  RoPE2D towers use the
@@ -22,14 +25,15 @@ import textwrap
 import os
 import re
 import sys
-import zipfile
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_save_json, atomic_torch_save, load_json
+from mlcd_train.utils.io import check_out_separate, load_json, safe_torch_load, tmp_path_for
 
 PREFIXES = ("module.", "_orig_mod.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,18 +42,9 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 # --------------------------------------------------------------------------- reading
 def torch_load(path: str | os.PathLike) -> object:
-    """``torch.load(weights_only=True)`` on CPU; unreadable or truncated files are MLCDErrors."""
-    path = Path(path)
-    if not path.is_file():
-        raise MLCDError(f"{path}: file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
-        raise MLCDError(f"{path}: not a readable torch checkpoint (truncated or not written by torch.save): "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    except Exception as exc:  # pickle.UnpicklingError from weights_only, and friends
-        raise MLCDError(f"{path}: cannot be loaded safely with weights_only=True "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    """``torch.load(weights_only=True)`` on CPU of a regular file; unreadable, truncated or
+    unsafe files are MLCDErrors naming the file."""
+    return safe_torch_load(path, "torch checkpoint")
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -66,23 +61,40 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+SHARDED = "model_dcp"  # train.parallel=fsdp: the backbone as a torch.distributed.checkpoint folder
+
+
+def _model_in(folder: Path) -> Optional[Path]:
+    """The backbone of a checkpoint folder: ``model.pt``, else an fsdp run's ``model_dcp/``."""
+    if (folder / "model.pt").is_file():
+        return folder / "model.pt"
+    if (folder / SHARDED).is_dir():
+        return folder / SHARDED
+    return None
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The ``model.pt`` that ``path`` names: a file, a step folder, a checkpoints folder or a run folder."""
+    """The ``model.pt`` (or, for a ``train.parallel=fsdp`` run, the ``model_dcp`` folder) that
+    ``path`` names: a file, a step folder, a checkpoints folder or a run folder."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.exists():
         raise MLCDError(f"{path}: no such checkpoint file or folder")
-    if (path / "model.pt").is_file() and not _STEP_RE.match(path.name):  # OUT/best, or a copied checkpoint folder
+    if path.name == SHARDED and path.is_dir():
+        if not (path.parent / "meta.json").is_file():
+            raise MLCDError(f"{path.parent}: checkpoint is incomplete (no meta.json)")
+        return path
+    if _model_in(path) is not None and not _STEP_RE.match(path.name):  # OUT/best, or a copied checkpoint folder
         if not (path / "meta.json").is_file():
             raise MLCDError(f"{path}: checkpoint is incomplete (no meta.json)")
-        return path / "model.pt"
+        return _model_in(path)
     if _STEP_RE.match(path.name):
         if not (path / "meta.json").is_file():
             raise MLCDError(f"{path}: checkpoint is incomplete (no meta.json); pick an earlier step or the run folder")
-        if not (path / "model.pt").is_file():
+        if _model_in(path) is None:
             raise MLCDError(f"{path}: complete checkpoint folder without model.pt")
-        return path / "model.pt"
+        return _model_in(path)
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = []
     for sub in folder.iterdir():
@@ -92,14 +104,40 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if not steps:
         raise MLCDError(f"{path}: no complete checkpoint (no {folder.name}/step_*/meta.json)")
     step_dir = max(steps)[1]
-    if not (step_dir / "model.pt").is_file():
+    if _model_in(step_dir) is None:
         raise MLCDError(f"{step_dir}: complete checkpoint folder without model.pt")
-    return step_dir / "model.pt"
+    return _model_in(step_dir)
+
+
+def read_sharded_checkpoint(dcp_dir: Path) -> tuple[dict, dict, Optional[int], Path]:
+    """An fsdp checkpoint's backbone (``model_dcp/``) as one full state dict, on one process and
+    without a process group: the model_config and step come from the folder's ``meta.json``,
+    the tensors are read into a plain model's state dict of that config (DCP reshards them)."""
+    from mlcd_train.models import create_model_from_config
+    from mlcd_train.trainer.parallel import read_full_state_dict
+
+    meta_path = dcp_dir.parent / "meta.json"
+    meta = load_json(meta_path, expect=dict)
+    cfg = meta.get("model_config")
+    if not isinstance(cfg, dict):
+        raise MLCDError(f"{meta_path}: no 'model_config' dict beside the sharded checkpoint {dcp_dir.name}/")
+    step = meta.get("step")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        raise MLCDError(f"{meta_path}: key 'step' should be int, found {type(step).__name__}")
+    try:
+        template = create_model_from_config(dict(cfg)).state_dict()
+    except (MLCDError, TypeError, ValueError, KeyError) as exc:
+        raise MLCDError(f"{meta_path}: 'model_config' does not describe a tower ({exc})") from None
+    return read_full_state_dict(dcp_dir, template), dict(cfg), step, dcp_dir
 
 
 def read_train_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, Optional[int], Path]:
-    """(backbone state dict without prefixes, model_config dict, step, model.pt path)."""
+    """(backbone state dict without prefixes, model_config dict, step, model.pt path).
+
+    For a ``train.parallel=fsdp`` checkpoint the path is its ``model_dcp`` folder."""
     ckpt = find_checkpoint(path)
+    if ckpt.is_dir():
+        return read_sharded_checkpoint(ckpt)
     obj = torch_load(ckpt)
     if not isinstance(obj, dict) or "state_dict" not in obj or "model_config" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
@@ -128,10 +166,26 @@ def load_native(path: str | os.PathLike) -> tuple[dict, Optional[dict]]:
         raise MLCDError(f"{path}: not a flat state dict of tensors (an mlcd export or a native MLCD checkpoint)")
     sd = strip_prefixes(obj)
     side = sidecar_path(path)
-    meta = load_json(side) if side.is_file() else None
+    meta = load_json(side, expect=dict) if side.exists() else None
     if meta is not None and not isinstance(meta.get("model_config"), dict):
         raise MLCDError(f"{side}: sidecar without a 'model_config' dict")
+    if meta is not None and meta.get(SHA_KEY) is not None and meta[SHA_KEY] != file_sha256(path):
+        # a re-export killed between its two renames: new weights beside the old config
+        raise MLCDError(f"{side}: sidecar belongs to another {Path(path).name} (its {SHA_KEY} does not match the "
+                        f"file's content); export again, or delete {side.name} and pass --num_heads / --act / "
+                        "--image_size")
     return sd, meta
+
+
+SHA_KEY = "pt_sha256"  # the sidecar's record of the .pt it describes
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def infer_config(state_dict: dict, where: str = "checkpoint", *, image_size: Optional[int] = None,
@@ -218,13 +272,19 @@ def resolve_config(state_dict: dict, meta: Optional[dict], where: str, *, image_
             cfg["act"] = act
         return cfg
     cfg = infer_config(state_dict, where, image_size=image_size, heads=heads, act=act)
-    guessed = ([f"{cfg['heads']} heads (width / 64, CLIP's rule)"] if heads is None and cfg["pos_embed"] == "abs" else []) \
-        + (["activation gelu"] if act is None else [])
-    if guessed:
-        # not visible in the tensors, and the conversion check cannot catch a wrong guess
-        # (both sides are built from it): say so
-        print(f"mlcd: {where}: no .json sidecar; assuming {' and '.join(guessed)}; pass --num_heads / --act "
-              "if the model was trained otherwise", file=sys.stderr)
+    if cfg["pos_embed"] == "abs" and (heads is None or act is None):
+        # heads and activation are not in the tensors, and the conversion check cannot catch a
+        # wrong guess (both sides are built from it): an abs tower without sidecar needs both
+        missing = " and ".join(f for f, v in (("--num_heads", heads), ("--act", act)) if v is None)
+        raise MLCDError(f"{where}: no .json sidecar ({sidecar_path(where).name}), and a learned-position tower's "
+                        f"heads and activation are not in its tensors; pass {missing} (e.g. --num_heads "
+                        f"{cfg['heads']} --act gelu for a CLIP-style tower of width {cfg['width']}), or keep the "
+                        "sidecar of mlcd export beside it")
+    if act is None:
+        # RoPE2D: heads come from class_pos_emb; the native MLCD layout (and the public conversion
+        # script, which has no activation flag) is gelu
+        print(f"mlcd: {where}: no .json sidecar; assuming activation gelu (the native MLCD layout's); pass --act "
+              "quick_gelu if the model was trained with it", file=sys.stderr)
     return cfg
 
 
@@ -279,17 +339,32 @@ def save_native(state_dict: dict, model_config: dict, out: str | os.PathLike, *,
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         flat[key] = value.contiguous().clone()
-    meta = {"model_config": dict(model_config), "image_size": int(model_config["image_size"]),
-            "source": str(source), "step": step}
     side = sidecar_path(out)
-    # the sidecar goes first and comes back last: a kill between the two writes leaves new
-    # weights without a sidecar (the config is then read off the tensors, with a warning),
-    # never beside the old export's config (heads and activation are not in the tensors)
-    with contextlib.suppress(FileNotFoundError):
-        side.unlink()
-    atomic_torch_save(flat, out)
-    atomic_save_json(side, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # both files are written to temporaries first, then renamed .pt then .json: a failure
+    # while writing leaves the previous pair as it was, and a kill between the two renames
+    # leaves new weights beside the old sidecar, which load_native refuses (the sidecar
+    # records the sha256 of its .pt) instead of building the model with the old config
+    tmp_pt, tmp_side = tmp_path_for(out), tmp_path_for(side)
+    try:
+        _write_synced(tmp_pt, lambda f: torch.save(flat, f))
+        meta = {"model_config": dict(model_config), "image_size": int(model_config["image_size"]),
+                "source": str(source), "step": step, SHA_KEY: file_sha256(tmp_pt)}
+        _write_synced(tmp_side, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+        os.replace(tmp_pt, out)
+        os.replace(tmp_side, side)
+    finally:
+        for tmp in (tmp_pt, tmp_side):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return out, side
+
+
+def _write_synced(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
@@ -302,7 +377,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     cfg = model_config_to_dict(model)
     ordered = {k: sd[k] for k in model.state_dict()}
     save_native(ordered, cfg, out, source=str(ckpt), step=step, dtype=dtype)
-    return load_json(sidecar_path(out))
+    return load_json(sidecar_path(out), expect=dict)
 
 
 EPILOG = """examples:
@@ -330,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_out_separate("--out", args.out, [("--checkpoint", args.checkpoint)], out_is_file=True)
     meta = export_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype] if args.dtype else None)
     cfg = meta["model_config"]
     print(f"exported {describe(cfg)} from {meta['source']} (step {meta['step']}) to {args.out} "

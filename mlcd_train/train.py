@@ -5,10 +5,12 @@
     mlcd train --config fashion_mnist_tiny output_dir=runs/tiny      # one process
 
 What a step does: every rank takes ``train.global_batch_size / world_size`` images from its
-seeded, resampled share of the shards (joined to their labels by key), the backbone (DDP)
-embeds them, PartialFC computes the global-mean loss over the sampled class centres, the
-backbone gradient is clipped, AdamW (no decay on norms, biases, embeddings) and the centre
-optimiser step, and the learning rate follows warm-up + cosine.  bf16 autocast on GPU.
+seeded, resampled share of the shards (joined to their labels by key), the backbone (DDP, or
+FSDP2 with ``train.parallel=fsdp``: trainer/parallel.py) embeds them, PartialFC computes the
+global-mean loss over the sampled class centres, the backbone gradient is clipped, AdamW (no
+decay on norms, biases, embeddings) and the centre optimiser step, and the learning rate
+follows warm-up + cosine.  bf16 autocast on GPU.  With ``train.accum_steps=N`` the images come
+as N micro-batches whose summed gradient is exactly that step's (:func:`accumulate_step`).
 
 Faults:
 - Checkpoints every ``train.save_every`` steps and at the end (``OUT/checkpoints``); each
@@ -47,8 +49,8 @@ import torch.distributed as dist
 
 from mlcd_train import config as C
 from mlcd_train.trainer import checkpoint as ck
-from mlcd_train.trainer.data import (SyntheticBatches, build_shard_loader, check_labels, labels_meta,
-                                     mix_seed)
+from mlcd_train.trainer.data import (SyntheticBatches, build_shard_loader, check_labels, check_same_labels,
+                                     labels_identity, labels_meta, mix_seed)
 from mlcd_train.trainer.optim import build_optimizer, lr_factor, set_lr
 from mlcd_train.utils.dist import DistInfo, barrier, init_distributed
 from mlcd_train.utils.errors import MLCDError
@@ -68,6 +70,9 @@ that checkpoint folder.  SIGTERM or SIGUSR1 saves at the next step and exits 0.
 init.checkpoint=PATH (a run, checkpoint folder or export) starts a fresh run from that
 backbone (positions resized to the new image size; new Partial FC, optimiser, step 0); it
 is ignored once output_dir holds a checkpoint of its own.
+train.parallel=fsdp shards the backbone over the ranks (FSDP2; checkpoints in model_dcp/ and
+optim_dcp/, resumable on any number of ranks); train.accum_steps=N makes each step of N
+micro-batches, exactly the step of the whole batch.
 """
 
 
@@ -108,12 +113,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def agree_stop(local: bool, info: DistInfo) -> bool:
+def agree_stop(local: bool, info: DistInfo, written: bool = True) -> tuple[bool, bool]:
+    """(any rank asked to stop, every rank's background checkpoint write is done): one
+    all-reduce, the step boundary's only one."""
     if not info.distributed:
-        return local
-    t = torch.tensor([1.0 if local else 0.0], device=info.device if info.backend == "nccl" else "cpu")
+        return local, written
+    t = torch.tensor([1.0 if local else 0.0, 0.0 if written else 1.0],
+                     device=info.device if info.backend == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    stop, unwritten = t.tolist()
+    return stop > 0, unwritten == 0
 
 
 def all_sum(values: list[float], info: DistInfo) -> list[float]:
@@ -216,7 +225,8 @@ def make_scaler(precision: str, device: torch.device):
     return None
 
 
-def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler=None) -> tuple[float, float, bool]:
+def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler=None,
+               clip_fn=None, loss_before: torch.Tensor | None = None) -> tuple[float, float, bool]:
     """Backward, clip the backbone gradient, step every optimiser: (loss, grad norm, applied).
 
     The step is applied only when the loss and the (unscaled) backbone gradient norm are
@@ -231,8 +241,9 @@ def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler
         scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.unscale_(opt)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    loss_v, gnorm_v = float(loss.detach()), float(gnorm)
+    gnorm = (clip_fn or torch.nn.utils.clip_grad_norm_)(params, clip if clip > 0 else float("inf"))
+    total = loss.detach() if loss_before is None else loss.detach() + loss_before
+    loss_v, gnorm_v = float(total), float(gnorm)
     applied = math.isfinite(loss_v) and math.isfinite(gnorm_v)
     if applied:
         for opt in optimizers:
@@ -240,6 +251,33 @@ def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler
     if scaler is not None:
         scaler.update()  # from the overflow checks unscale_ recorded
     return loss_v, gnorm_v, applied
+
+
+def accumulate_step(model, pfc, micro: list, params: list, clip: float, optimizers, amp=None, scaler=None,
+                    clip_fn=None) -> tuple[float, float, bool]:
+    """One optimiser step over the micro-batches ``[(images, labels), ...]`` of this rank:
+    exactly the step of their concatenation (train.accum_steps).  The Partial FC's sampled
+    classes are drawn once from the labels of all of them (``pfc.plan``), each micro loss is
+    scaled by 1 / len(micro) so the summed gradient is the full batch's mean-loss gradient;
+    DDP reduces only the last micro-batch's (accumulated) gradient.  Returns apply_step's."""
+    n = len(micro)
+    if n > 1:
+        pfc.plan(torch.cat([y for _, y in micro]))
+    before = None
+    for i, (images, labels) in enumerate(micro):
+        last = i == n - 1
+        no_sync = getattr(model, "no_sync", None) if not last else None
+        with (no_sync() if no_sync is not None else nullcontext()):
+            with amp if amp is not None else nullcontext():
+                emb = model(images)
+            loss = pfc(emb.float(), labels)
+            if n > 1:
+                loss = loss / n
+            if last:
+                break
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        before = loss.detach() if before is None else before + loss.detach()
+    return apply_step(loss, params, clip, optimizers, scaler, clip_fn, before)
 
 
 class Trainer:
@@ -251,10 +289,12 @@ class Trainer:
                 raise MLCDError(f"config key 'data.labels': {cfg.data.labels}/meta.json not found "
                                 "(is this a folder written by `mlcd assign`?)")
             meta = labels_meta(cfg.data.labels) if cfg.data.labels else None
+        self.labels_id = labels_identity(cfg.data.labels) if meta is not None else None
         C.validate(cfg, info.world_size, meta)
         self.out = Path(cfg.output_dir)
         self.ckdir = self.out / "checkpoints"
-        self.batch = cfg.train.global_batch_size // info.world_size
+        # the loader's batch: one micro-batch (train.accum_steps of them per step)
+        self.batch = cfg.train.global_batch_size // info.world_size // cfg.train.accum_steps
 
     # ------------------------------------------------------------------ setup
     def _build_model(self):
@@ -277,13 +317,14 @@ class Trainer:
         if emb != core.embed_dim:
             raise MLCDError(f"config key 'loss.embedding_size': {emb} differs from the model's output size "
                             f"{core.embed_dim}")
-        model = core
-        if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(core, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-        self.model = torch.compile(model) if cfg.model.compile else model
         return emb
+
+    def _parallelize(self) -> None:
+        """DDP / FSDP2 wrapping (trainer/parallel.py), then torch.compile when asked."""
+        from mlcd_train.trainer import parallel as par
+
+        model = par.parallelize(self.core, self.cfg, self.info)
+        self.model = torch.compile(model) if self.cfg.model.compile else model
 
     def _build_pfc(self, emb: int):
         from mlcd_train import partial_fc as P
@@ -352,12 +393,24 @@ class Trainer:
         """k-NN top-1 on rank 0 (the other ranks wait); OUT/best follows the best figure."""
         from mlcd_train.trainer import evaluation as E
 
+        full = None
+        if self.fsdp:  # every rank takes part in gathering the sharded backbone; rank 0 scores a copy
+            from mlcd_train.trainer.parallel import full_state_dict
+
+            full = full_state_dict(self.core, sharded=True)
         if self.info.is_main:
             t0 = time.perf_counter()
-            top1 = self.evaluator.evaluate(self.core)
+            net = self.core
+            if full is not None:
+                from mlcd_train.models import create_model_from_config
+
+                net = create_model_from_config(dict(self.model_config)).to(self.info.device)
+                net.load_state_dict(full)
+            top1 = self.evaluator.evaluate(net)
             improved = self.best is None or top1 > self.best
             if improved and self.cfg.eval.keep_best:
-                E.save_best(self.out, step, top1, unwrap_state_dict(self.core), self.model_config)
+                E.save_best(self.out, step, top1, full if full is not None else unwrap_state_dict(self.core),
+                            self.model_config)
             self.best = top1 if improved else self.best
             log.log({"step": step, "knn_top1": top1, "knn_best": self.best}, section="eval")
             print(f"eval step {step}: {self.cfg.eval.knn_k}-NN top-1 {top1:.2%} (best {self.best:.2%}) "
@@ -391,15 +444,24 @@ class Trainer:
     def _load(self, folder: Path) -> dict:
         from mlcd_train import partial_fc as P
 
+        from mlcd_train.trainer import parallel as par
+
         info = self.info
-        try:
-            m = ck.load(folder, "model.pt")
-            self.core.load_state_dict(m["state_dict"])
-        except (RuntimeError, KeyError) as exc:
-            raise MLCDError(f"{folder}/model.pt: does not fit model {self.cfg.model.name} ({exc})") from None
-        self.opt.load_state_dict(ck.load(folder, "optimizer.pt"))
+        if par.is_sharded_checkpoint(folder):  # written under fsdp: loads into FSDP, DDP or one process
+            par.load_sharded(folder, self.core, self.opt)
+        elif self.sharded_ckpt:
+            raise MLCDError(f"{folder}: a train.parallel=ddp checkpoint (model.pt); resume it with "
+                            "train.parallel=ddp, or start an fsdp run from its backbone with init.checkpoint")
+        else:
+            try:
+                m = ck.load(folder, "model.pt")
+                self.core.load_state_dict(m["state_dict"])
+            except (RuntimeError, KeyError) as exc:
+                raise MLCDError(f"{folder}/model.pt: does not fit model {self.cfg.model.name} ({exc})") from None
+            self.opt.load_state_dict(ck.load(folder, "optimizer.pt"))
         P.load_partial_fc(self.pfc, folder, self.pfc_opt)
         st = ck.load(folder, "trainer_state.pt")
+        check_same_labels(st.get("labels"), self.labels_id, folder)  # same k, other centres: refused
         if self.scaler is not None and isinstance(st.get("scaler"), dict):
             self.scaler.load_state_dict(st["scaler"])  # the loss scale the run had reached
         if st["world_size"] == info.world_size:
@@ -424,11 +486,13 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         from mlcd_train import partial_fc as P
+        from mlcd_train.trainer import parallel as par
 
         info = self.info
         folder = ck.step_dir(self.ckdir, step)
         if step in self.saved:
             return
+        self._finish_pending(wait=True)
         if info.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             # a folder of an earlier run at this step: mark it incomplete before replacing its
@@ -436,6 +500,9 @@ class Trainer:
             (folder / "meta.json").unlink(missing_ok=True)
             for old in folder.glob(P.shard_file_name("*")):
                 old.unlink(missing_ok=True)
+            for old in ("model.pt", "optimizer.pt"):
+                (folder / old).unlink(missing_ok=True)
+            par.clear_sharded(folder)
         barrier()
         P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
         rngs = gather_objects(ck.rng_state(), info)
@@ -444,30 +511,66 @@ class Trainer:
         self.corrupt_total = self.corrupt_offset + int(all_sum([float(local_corrupt)], info)[0])
         if info.is_main:
             state = {"step": step, "samples_seen": step * self.cfg.train.global_batch_size,
-                     "world_size": info.world_size, **self._stream_settings(),
-                     "data_batches_consumed": step, "skipped_steps": self.skipped,
+                     "world_size": info.world_size, **self._stream_settings(), "labels": self.labels_id,
+                     "data_batches_consumed": step * self.cfg.train.accum_steps, "skipped_steps": self.skipped,
                      "corrupt": self.corrupt_total, "rng": rngs, "positions": positions,
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "schedule": {"name": self.cfg.optim.schedule, "warmup_steps": self.cfg.optim.warmup_steps,
                                   "total": self.cfg.train.steps}}
-            ck.save_main_files(folder, step, unwrap_state_dict(self.core), self.model_config,
-                               self.opt.state_dict(), state)
+            if self.sharded_ckpt:
+                ck.save_trainer_state(folder, state)
+            else:
+                ck.save_main_files(folder, step, unwrap_state_dict(self.core), self.model_config,
+                                   self.opt.state_dict(), state)
+        self.saved.add(step)
+        if self.sharded_ckpt:
+            pending = par.save_sharded(folder, self.core, self.opt, self.async_group)
+            self.pending = (step, folder, pending)
+            if self.async_group is not None:
+                return  # finished by _finish_pending once every rank's write is done
+        self._finish_pending(wait=True)
+        if not self.sharded_ckpt:
+            self._finish(step, folder)
+
+    def _finish_pending(self, wait: bool) -> None:
+        """Complete the sharded save in flight (every rank calls it at the same point): wait for
+        this rank's writes, then rank 0 names the DCP folders and writes meta.json."""
+        if self.pending is None:
+            return
+        step, folder, pending = self.pending
+        if wait:
+            pending.wait()
+        self.pending = None
+        self._finish(step, folder)
+
+    def _finish(self, step: int, folder: Path) -> None:
+        """After every rank wrote its files: meta.json (the checkpoint is complete), pruning."""
+        from mlcd_train.trainer import parallel as par
+
+        info = self.info
         barrier()
         if info.is_main:
-            ck.write_meta(folder, {"step": step, "world_size": info.world_size,
-                                   "samples_seen": step * self.cfg.train.global_batch_size,
-                                   "model": self.cfg.model.name, "time": time.time()})
+            if self.sharded_ckpt:
+                par.finish_sharded(folder)
+            meta = {"step": step, "world_size": info.world_size,
+                    "samples_seen": step * self.cfg.train.global_batch_size,
+                    "model": self.cfg.model.name, "time": time.time()}
+            if self.sharded_ckpt:  # what `mlcd export` needs beside model_dcp/ (there is no model.pt)
+                meta.update(parallel="fsdp", model_config=self.model_config)
+            ck.write_meta(folder, meta)
             ck.prune(self.ckdir, self.cfg.train.keep_last)
-        self.saved.add(step)
         barrier()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> int:
         """Model, Partial FC, optimisers, data check, resume (or init.checkpoint); the start step."""
+        from mlcd_train.trainer import parallel as par
+
         cfg, info = self.cfg, self.info
         emb = self._build_model()
         self._build_pfc(emb)
-        self.opt = build_optimizer(self.core, cfg.optim, info.device)
+        self.fsdp = par.uses_fsdp(cfg, info)  # the backbone is sharded (fsdp on more than one rank)
+        self.sharded_ckpt = cfg.train.parallel == "fsdp"  # DCP checkpoints, on one process too
         self.scaler = make_scaler(cfg.train.precision, info.device)
         if info.is_main and cfg.train.precision != "fp32" and info.device.type != "cuda":
             print(f"mlcd train: train.precision={cfg.train.precision} runs in fp32 on the CPU "
@@ -482,6 +585,18 @@ class Trainer:
         folder = self._resume_folder()
         if folder is None and cfg.init.checkpoint:  # before anything is written: a bad file leaves no trace
             self._init_from_weights(cfg.init.checkpoint)
+        # wrapped after init.checkpoint (it loads full tensors into the plain module), the
+        # optimiser built over the parameters the wrapping leaves (FSDP's sharded DTensors)
+        self._parallelize()
+        self.opt = build_optimizer(self.core, cfg.optim, info.device)
+        self.async_group = None
+        if cfg.train.async_save and self.fsdp and info.device.type == "cuda":
+            self.async_group = dist.new_group(backend="gloo")  # the background writer's own collectives
+        elif cfg.train.async_save and info.is_main:
+            # on the CPU (gloo) dcp.async_save's writer thread never completed in our tests (torch 2.14)
+            print("mlcd train: train.async_save needs fsdp on CUDA; checkpoints are written synchronously",
+                  file=sys.stderr)
+        self.pending = None  # (step, folder, parallel.PendingSave) of a background save
         barrier()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -505,7 +620,7 @@ class Trainer:
 
     def _init_from_weights(self, path: str) -> None:
         """A fresh run (step 0) whose backbone starts from ``path`` (init.checkpoint); every rank
-        reads the file itself, into the parameters the optimiser and DDP already hold."""
+        reads the file itself, into the plain module (before DDP / FSDP wrap it)."""
         from mlcd_train.trainer.init import init_backbone
 
         where, notes = init_backbone(self.core, path)
@@ -526,14 +641,15 @@ class Trainer:
             return 0
         if info.is_main:
             nparam = sum(p.numel() for p in self.core.parameters())
+            accum_note = f" x {cfg.train.accum_steps} micro-batches" if cfg.train.accum_steps > 1 else ""
             print(f"mlcd train: {cfg.model.name} ({nparam / 1e6:.1f}M parameters) on {info.world_size} "
                   f"rank(s) [{info.backend or 'single process'}, {info.device.type}], batch "
-                  f"{cfg.train.global_batch_size} ({self.batch} per rank), loss {cfg.loss.name} "
+                  f"{cfg.train.global_batch_size} ({self.batch} per rank{accum_note}), loss {cfg.loss.name} "
                   f"k={cfg.loss.num_classes} "
                   f"l={cfg.loss.l} r={cfg.loss.sample_rate}, steps {start}->{total}, output {self.out}",
                   file=sys.stderr, flush=True)
         self._build_eval()
-        data = self._build_data(start)
+        data = self._build_data(start * cfg.train.accum_steps)  # in micro-batches
         log = MetricsLog(self.out, start, info.is_main)
         stop = StopFlag()
         stop.install()
@@ -557,6 +673,9 @@ class Trainer:
         amp = autocast_context(cfg.train.precision, dev)
         params = [p for p in self.core.parameters() if p.requires_grad]
         clip = cfg.optim.clip_grad_norm
+        clip_fn = None
+        if self.fsdp:
+            from mlcd_train.trainer.parallel import clip_grad_norm_ as clip_fn  # the norm over every shard
         opts = [(self.opt, cfg.optim.lr), (self.pfc_opt, self.pfc_lr)]
         nonfinite_run = 0
         # a bar on a terminal; plain lines (one per log step) in batch logs, where \r updates pile up
@@ -567,25 +686,24 @@ class Trainer:
         win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
         win_loss, win_norm, win_good = 0.0, 0.0, 0  # sums over the window's finite steps
         step = start
+        accum = cfg.train.accum_steps
         while step < total:
-            t0 = time.perf_counter()
-            batch = next(data)
-            win_wait += time.perf_counter() - t0
-            images, labels = batch[0], batch[1]
-            if len(batch) > 2:  # (worker, corrupt, records, original worker, position) of its loader worker
-                self.worker_stats[int(batch[2][-1])] = (int(batch[3][-1]), int(batch[4][-1]))
-                self.positions[int(batch[5][-1])] = int(batch[6][-1])
-            images = images.to(dev, non_blocking=True)
-            labels = labels.to(dev, non_blocking=True)
+            micro = []
+            for _ in range(accum):  # accum_steps micro-batches make one optimiser step
+                t0 = time.perf_counter()
+                batch = next(data)
+                win_wait += time.perf_counter() - t0
+                if len(batch) > 2:  # (worker, corrupt, records, original worker, position) of its loader worker
+                    self.worker_stats[int(batch[2][-1])] = (int(batch[3][-1]), int(batch[4][-1]))
+                    self.positions[int(batch[5][-1])] = int(batch[6][-1])
+                micro.append((batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)))
             factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
             set_lr(opts, factor)
             # negative sampling and any other torch randomness: a function of (seed, step, rank)
             torch.manual_seed(mix_seed(cfg.seed, step, info.rank))
             self.pfc.generator.manual_seed(mix_seed(cfg.seed, step, info.rank, 0xFC))
-            with amp:
-                emb = self.model(images)
-            loss = self.pfc(emb.float(), labels)
-            loss_v, gnorm_v, applied = apply_step(loss, params, clip, (self.opt, self.pfc_opt), self.scaler)
+            loss_v, gnorm_v, applied = accumulate_step(self.model, self.pfc, micro, params, clip,
+                                                       (self.opt, self.pfc_opt), amp, self.scaler, clip_fn)
             if applied:
                 nonfinite_run = 0
                 win_loss += loss_v
@@ -604,7 +722,10 @@ class Trainer:
             step += 1
             win_steps += 1
             bar.update(1)
-            stopping = agree_stop(stop.signum != 0, info)
+            stopping, written = agree_stop(stop.signum != 0, info,
+                                           self.pending is None or self.pending[2].done())
+            if self.pending is not None and written:
+                self._finish_pending(wait=True)  # every rank's write is done: wait() returns at once
             if step % cfg.train.log_every == 0 or step == total or stopping:
                 self._log(log, bar, step, total, factor, win_t0, win_wait, win_steps, win_loss, win_norm,
                           win_good)
@@ -617,11 +738,13 @@ class Trainer:
                 win_t0 = time.perf_counter()  # img/s measures training, not saving
             if stopping:
                 bar.close()
+                self._finish_pending(wait=True)
                 if info.is_main:
                     print(f"mlcd train: stop signal received; saved step {step} in {self.ckdir}; exiting",
                           file=sys.stderr)
                 return 0
         bar.close()
+        self._finish_pending(wait=True)
         if info.is_main:
             print(f"mlcd train: done, {total} steps; checkpoints in {self.ckdir}", file=sys.stderr)
         return 0
