@@ -19,8 +19,13 @@ from mlcd_train import demo
 from mlcd_train.utils.errors import MLCDError
 
 STEPS = 60
+# The recipe's regularisers (RandAugment, colour jitter, erasing, drop path) pay off only over the
+# demo's full 900 steps (docs/reproduction.md); in a 60-step smoke run they keep the student near its
+# initialisation, so this run switches them off to test that the pipeline learns at all.
+NO_REGULARISERS = ["--set", "data.aug.rand_augment=0", "--set", "data.aug.color_jitter=0",
+                   "--set", "data.aug.random_erasing=0", "--set", "model.drop_path=0"]
 ARGS = ["--quick", "--steps", str(STEPS), "--batch-size", "64", "--k", "30", "--nproc", "2", "--quiet-train",
-        "--train-images", "800", "--test-images", "300"]
+        "--train-images", "800", "--test-images", "300", *NO_REGULARISERS]
 VIT_ARGS = ["--quick", "--model", "ViT-Tiny-4-28", "--steps", "4", "--batch-size", "32", "--k", "20", "--nproc", "1",
             "--quiet-train", "--train-images", "300", "--test-images", "100"]
 pytestmark = pytest.mark.timeout(1800)  # the whole pipeline twice, on a shared 2-core machine
