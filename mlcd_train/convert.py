@@ -4,10 +4,11 @@ Export to Hugging Face (the seed's flags)::
 
     mlcd convert --checkpoint_path mlcd_vit.pt --pytorch_dump_folder_path hf_dir --image_size 336
 
-The architecture comes from the export's ``.json`` sidecar when present, else from the
-tensors (width, depth, patch, MLP size; RoPE2D when ``class_pos_emb`` is there, heads from
-its length; else learned absolute positions, heads = width / 64 as in CLIP; activation
-``gelu``); ``--num_heads`` and ``--act`` override.  RoPE2D towers become a
+The architecture comes from the export's ``.json`` sidecar when present (refused when it
+records another ``.pt``'s sha256), else from the tensors (width, depth, patch, MLP size;
+RoPE2D when ``class_pos_emb`` is there, heads from its length, activation ``gelu`` as in the
+native MLCD layout; a learned-position tower's heads and activation are not in its tensors,
+so without sidecar ``--num_heads`` and ``--act`` are required); the flags override.  RoPE2D towers become a
 ``transformers.MLCDVisionModel`` directory, CLIP-style towers a ``CLIPVisionModel`` (or
 ``CLIPVisionModelWithProjection`` when the tower has a projection); weights in safetensors,
 plus a ``CLIPImageProcessor`` config (bicubic resize of the short side, centre crop, CLIP
@@ -432,9 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "position table for absolute positions (default: from the sidecar or the tensors)")
     p.add_argument("--num_heads", "--num-heads", type=positive_int, default=None,
                    help="attention heads (default: sidecar; RoPE2D: width / (2 * len(class_pos_emb)); "
-                        "abs: width / 64)")
+                        "abs without sidecar: required)")
     p.add_argument("--act", choices=("gelu", "quick_gelu"), default=None,
-                   help="MLP activation (default: sidecar, else gelu)")
+                   help="MLP activation (default: sidecar, else gelu for RoPE2D; abs without sidecar: required)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory / file")
     p.add_argument("--no_verify", "--no-verify", action="store_true",
                    help="skip reloading and comparing (not recommended)")

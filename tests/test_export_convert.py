@@ -221,17 +221,19 @@ def test_convert_infers_architecture_from_tensors_without_sidecar(tmp_path, caps
             with pytest.raises(MLCDError, match="--image_size"):
                 conv.main(args)
             args += ["--image_size", "28"]
+        else:  # heads and activation of a learned-position tower are not in its tensors: not guessed
+            with pytest.raises(MLCDError, match="--num_heads and --act"):
+                conv.main(args)
+            with pytest.raises(MLCDError, match="--act"):
+                conv.main(args + ["--num_heads", "2"])
+            args += ["--num_heads", "2", "--act", "gelu"]
         assert conv.main(args) == 0
         cfg = json.loads((tmp_path / f"hf_{name}" / "config.json").read_text())
         assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["patch_size"],
                 cfg["image_size"], cfg["hidden_act"]) == (m.config.width, m.config.heads, 2, 4, 28, "gelu")
-        # what the tensors cannot tell is said, since the check cannot catch a wrong guess
+        # RoPE2D's activation is the native layout's gelu, said since the check cannot catch a wrong guess
         err = capsys.readouterr().err
-        assert "no .json sidecar; assuming " in err and "activation gelu" in err
-        assert ("2 heads (width / 64" in err) == (name == "abs")
-    conv.main(["--checkpoint_path", str(tmp_path / "abs.pt"), "--pytorch_dump_folder_path", str(tmp_path / "hf_2"),
-               "--num_heads", "2", "--act", "gelu"])
-    assert "assuming" not in capsys.readouterr().err
+        assert ("assuming activation gelu" in err) == (name == "rope")
 
 
 def test_convert_bad_inputs_leave_no_output_dir(tmp_path):
@@ -244,10 +246,10 @@ def test_convert_bad_inputs_leave_no_output_dir(tmp_path):
         return run_stage("convert", ["--checkpoint_path", str(src), "--pytorch_dump_folder_path", str(out),
                                      *extra])
 
-    assert run("--num_heads", "3") == 2  # does not divide 128
+    assert run("--num_heads", "3", "--act", "gelu") == 2  # does not divide 128
     assert run("--image_size", "32") == 2  # the position table is 28 px
     with pytest.raises(MLCDError, match="does not divide"):
-        conv.convert_to_hf(path, out, num_heads=3)
+        conv.convert_to_hf(path, out, num_heads=3, act="gelu")
     with pytest.raises(MLCDError, match="disagrees"):
         conv.convert_to_hf(path, out, image_size=32)
     trunc = tmp_path / "trunc.pt"
@@ -337,21 +339,28 @@ def test_tools_convert_to_hf_takes_the_seed_flags(tmp_path):
 
 
 def test_reexport_killed_between_writes_never_pairs_new_weights_with_old_sidecar(tmp_path, monkeypatch):
-    """Heads and activation are only in the sidecar: a kill after the new .pt but before its
-    .json must not leave the old .json beside it (the model would load wrong, silently)."""
+    """Heads and activation are only in the sidecar: a kill after the new .pt's rename but
+    before its .json's leaves the old .json beside it; that pair is refused, not loaded wrong."""
     import mlcd_train.export as E
 
     a, b = tiny("abs", seed=0, heads=2), tiny("abs", seed=1, heads=4, act="quick_gelu")
     out = tmp_path / "x.pt"
     E.save_native(a.state_dict(), model_config_to_dict(a), out, source="a", step=1)
+    real_replace = os.replace
 
-    def killed(path, obj, **kw):
-        raise KeyboardInterrupt
+    def killed_before_sidecar(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
 
-    monkeypatch.setattr(E, "atomic_save_json", killed)
+    monkeypatch.setattr(E.os, "replace", killed_before_sidecar)
     with pytest.raises(KeyboardInterrupt):
         E.save_native(b.state_dict(), model_config_to_dict(b), out, source="b", step=2)
-    assert not out.with_suffix(".json").exists()  # no sidecar rather than a's
+    monkeypatch.undo()
+    assert json.loads(out.with_suffix(".json").read_text())["source"] == "a"  # the old sidecar, beside b's weights
+    with pytest.raises(MLCDError, match="sidecar belongs to another x.pt"):
+        load_model(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.pt"]  # no temporaries left
     monkeypatch.undo()
     E.save_native(b.state_dict(), model_config_to_dict(b), out, source="b", step=2)
     m = load_model(out)

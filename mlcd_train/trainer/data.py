@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import load_json
+from mlcd_train.utils.io import load_json, open_regular, safe_np_load
 
 _MASK = (1 << 63) - 1
 
@@ -47,7 +47,32 @@ def mix_seed(*parts: int) -> int:
 # ----------------------------------------------------------------------------- labels
 
 def labels_meta(labels_dir: str) -> dict:
-    return load_json(Path(labels_dir) / "meta.json")
+    return load_json(Path(labels_dir) / "meta.json", expect=dict)
+
+
+def labels_identity(labels_dir: str) -> dict:
+    """What a run's class centres stand for: the label folder and the fingerprint of the
+    centres it was assigned against (``centroids_sha`` of ``mlcd assign``'s meta.json; None
+    for folders written before it was recorded).  Saved with each checkpoint, compared on
+    resume by :func:`check_same_labels`."""
+    meta = labels_meta(labels_dir)
+    sha = meta.get("centroids_sha")
+    return {"dir": str(Path(labels_dir).resolve()), "k": meta.get("k"),
+            "centroids_sha": sha if isinstance(sha, str) and sha else None}
+
+
+def check_same_labels(saved: dict | None, now: dict | None, checkpoint) -> None:
+    """A resume continues the Partial FC centres of ``checkpoint``: refuse labels assigned
+    against other centres (same k, so nothing else would notice), naming both folders."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return  # a checkpoint from before labels were recorded, or synthetic data
+    a, b = saved.get("centroids_sha"), now.get("centroids_sha")
+    if a and b and a != b:
+        raise MLCDError(f"config key 'data.labels': {now.get('dir')} was assigned against other centres "
+                        f"(centroids_sha {b[:12]}) than the labels {saved.get('dir')} (centroids_sha {a[:12]}) "
+                        f"the checkpoint {checkpoint} was trained on; its class centres would stand for other "
+                        "clusters. Resume with the original data.labels, or start over in another output_dir "
+                        "(init.checkpoint=... keeps the backbone)")
 
 
 def check_labels(shards: list[str], labels_dir: str, sizes: dict | None, l: int,
@@ -67,8 +92,8 @@ def check_labels(shards: list[str], labels_dir: str, sizes: dict | None, l: int,
         for p in (lab, keys):
             if not p.is_file():
                 raise MLCDError(f"shard {name}: label file {p} is missing (run `mlcd assign` on these shards)")
-        labels = np.load(lab, mmap_mode="r", allow_pickle=False)
-        k = np.load(keys, mmap_mode="r", allow_pickle=False)
+        labels = safe_np_load(lab, "label array", mmap_mode="r")
+        k = safe_np_load(keys, "key array", mmap_mode="r")
         if labels.ndim != 2:
             raise MLCDError(f"shard {name}: {lab} should be [n, L], has shape {labels.shape}")
         if labels.shape[0] != k.shape[0]:
@@ -89,11 +114,16 @@ def _tar_keys(path: str) -> set[str]:
     import tarfile
 
     keys = set()
-    with tarfile.open(path, "r") as tf:
-        for m in tf:
-            if m.isfile():
-                d, b = os.path.split(m.name)
-                keys.add(os.path.join(d, b.split(".", 1)[0]) if d else b.split(".", 1)[0])
+    try:  # a FIFO or device named like a shard is refused, not waited on
+        with open_regular(path, what="shard") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for m in tf:
+                if m.isfile():
+                    d, b = os.path.split(m.name)
+                    keys.add(os.path.join(d, b.split(".", 1)[0]) if d else b.split(".", 1)[0])
+    except FileNotFoundError:
+        raise MLCDError(f"{path}: shard not found") from None
+    except tarfile.TarError as exc:
+        raise MLCDError(f"{path}: not a readable tar shard ({exc})") from None
     return keys
 
 
@@ -111,8 +141,8 @@ class LabelTable:
             lab, keys = self.dir / f"{shard}.labels.npy", self.dir / f"{shard}.keys.npy"
             if not lab.is_file() or not keys.is_file():
                 raise MLCDError(f"shard {shard}: label file {lab if not lab.is_file() else keys} is missing")
-            labels = np.load(lab, mmap_mode="r", allow_pickle=False)
-            k = np.load(keys, allow_pickle=False)
+            labels = safe_np_load(lab, "label array", mmap_mode="r")
+            k = safe_np_load(keys, "key array")
             if labels.shape[0] != k.shape[0]:
                 raise MLCDError(f"shard {shard}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
             index = {str(key): i for i, key in enumerate(k)}

@@ -1,0 +1,134 @@
+"""Issue 15: shared helpers in export / trainer data / demo, safe export pairs, resume with
+other labels, image decoding."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mlcd_train.cli import run_stage
+from mlcd_train.models import create_model, model_config_to_dict
+from mlcd_train.utils.errors import MLCDError
+
+
+def tiny(pos_embed="abs", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(width=32, layers=2, heads=2, output_dim=16)
+    cfg.update(kw)
+    return create_model("ViT-Tiny-4-28", pos_embed=pos_embed, **cfg).eval()
+
+
+# ------------------------------------------------------------------ task 1: shared helpers
+def test_export_refuses_fifo_bad_sidecar_and_out_in_checkpoint_folder(tmp_path):
+    import mlcd_train.export as E
+
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(MLCDError, match="FIFO"):  # used to hang in torch.load
+        E.load_native(fifo)
+    m = tiny()
+    pt = tmp_path / "x.pt"
+    E.save_native(m.state_dict(), model_config_to_dict(m), pt)
+    pt.with_suffix(".json").write_text("[1, 2]")
+    with pytest.raises(MLCDError, match="x.json"):
+        E.load_native(pt)
+    run = tmp_path / "run" / "checkpoints" / "step_00000001"
+    run.mkdir(parents=True)
+    torch.save({"state_dict": m.state_dict(), "model_config": model_config_to_dict(m), "step": 1}, run / "model.pt")
+    (run / "meta.json").write_text('{"step": 1}')
+    assert run_stage("export", ["--checkpoint", str(run / "model.pt"), "--out", str(run / "x.pt")]) == 2
+    assert not (run / "x.pt").exists()
+
+
+def test_labels_meta_and_fifo_shard_are_errors(tmp_path):
+    from mlcd_train.trainer import data as D
+
+    (tmp_path / "meta.json").write_text("[]")
+    with pytest.raises(MLCDError, match="meta.json"):
+        D.labels_meta(str(tmp_path))
+    fifo = tmp_path / "s-000000.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(MLCDError, match="FIFO"):  # check_labels used to hang on it
+        D._tar_keys(str(fifo))
+    np.save(tmp_path / "s-000000.labels.npy", np.zeros((2, 2), dtype=object), allow_pickle=True)
+    np.save(tmp_path / "s-000000.keys.npy", np.array(["a", "b"]))
+    with pytest.raises(MLCDError, match="labels.npy"):
+        D.check_labels([str(fifo)], str(tmp_path), None, 1)
+
+
+@pytest.mark.parametrize("flag,value", [("--k", "0"), ("--steps", "-1"), ("--batch-size", "0"), ("--rounds", "0"),
+                                        ("--nproc", "x"), ("--pca-dim", "0"), ("--train-images", "0"),
+                                        ("--test-images", "-3"), ("--l", "0"), ("--warmup", "-1"),
+                                        ("--seed", "-1"), ("--eval-fraction", "-1")])
+def test_demo_numeric_options_are_typed(tmp_path, capsys, flag, value):
+    from mlcd_train import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.build_parser().parse_args(["--out", str(tmp_path / "d"), flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    a = demo.build_parser().parse_args(["--out", str(tmp_path / "d"), "--eval-fraction", "0", "--warmup", "0"])
+    assert (a.eval_fraction, a.warmup, a.k, a.steps) == (0, 0, None, None)  # None: filled from DEMO_DEFAULTS / --quick
+
+
+# ------------------------------------------------------------------ task 2: export pairs
+def test_reexport_failing_at_pt_write_keeps_previous_pair(tmp_path, monkeypatch):
+    import mlcd_train.export as E
+
+    a, b = tiny(seed=0, heads=2), tiny(seed=1, heads=4, act="quick_gelu")
+    out = tmp_path / "x.pt"
+    E.save_native(a.state_dict(), model_config_to_dict(a), out, source="a", step=1)
+    before = (out.read_bytes(), out.with_suffix(".json").read_bytes())
+
+    def disk_full(obj, f, *args, **kw):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(E.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        E.save_native(b.state_dict(), model_config_to_dict(b), out, source="b", step=2)
+    monkeypatch.undo()
+    assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.pt"]
+    m = E.load_model(out)
+    assert (m.config.heads, m.config.act) == (2, a.config.act)
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(m(x), a(x))
+
+
+def test_abs_export_without_sidecar_needs_heads_and_act(tmp_path):
+    import mlcd_train.export as E
+
+    m = tiny(heads=4, act="quick_gelu")  # width 32: CLIP's rule would guess 1 head, gelu
+    out = tmp_path / "x.pt"
+    E.save_native(m.state_dict(), model_config_to_dict(m), out)
+    out.with_suffix(".json").unlink()
+    with pytest.raises(MLCDError, match="--num_heads and --act"):
+        E.load_model(out)
+    got = E.load_model(out, heads=4, act="quick_gelu")
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(got(x), m(x))
+
+
+# ------------------------------------------------------------------ task 3: resume with other labels
+def test_resume_auto_with_labels_of_other_centres_is_refused(tmp_path):
+    from mlcd_train import train
+    from tests.fixtures import make_sample_shards
+    from tests.test_train import TINY, make_labels
+
+    shards = make_sample_shards(tmp_path, n=200, shard_size=100)
+    folders = {}
+    for name, sha in (("lab_a", "a" * 64), ("lab_b", "b" * 64)):
+        lab = make_labels(shards, tmp_path / name)
+        meta = json.loads((lab / "meta.json").read_text())
+        (lab / "meta.json").write_text(json.dumps({**meta, "centroids_sha": sha}))
+        folders[name] = lab
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", f"data.shards={shards}", *TINY, "train.save_every=2"]
+    assert train.main([*common, f"data.labels={folders['lab_a']}", "train.steps=2"]) == 0
+    with pytest.raises(MLCDError) as exc:
+        train.main([*common, f"data.labels={folders['lab_b']}", "train.steps=4"])
+    msg = str(exc.value)
+    assert "lab_a" in msg and "lab_b" in msg and "output_dir" in msg
+    assert [p.name for p in sorted((out / "checkpoints").glob("step_*"))] == ["step_00000002"]  # nothing trained on
