@@ -132,3 +132,51 @@ def test_resume_auto_with_labels_of_other_centres_is_refused(tmp_path):
     msg = str(exc.value)
     assert "lab_a" in msg and "lab_b" in msg and "output_dir" in msg
     assert [p.name for p in sorted((out / "checkpoints").glob("step_*"))] == ["step_00000002"]  # nothing trained on
+
+
+# ------------------------------------------------------------------ task 4: image decoding
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16bit_png_gradient_decodes_to_the_8bit_gradient():
+    from PIL import Image
+
+    from mlcd_train.data.reader import decode_record
+
+    g8 = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    g16 = g8.astype(np.uint16) * 257
+    img16 = Image.fromarray(g16)  # mode I;16
+    data = _png(img16)
+    assert Image.open(__import__("io").BytesIO(data)).mode.startswith("I")
+    rgb, _ = decode_record({"png": data})
+    a = np.asarray(rgb)
+    assert rgb.mode == "RGB" and a.shape == (4, 256, 3)
+    np.testing.assert_array_equal(a[..., 0], g8)  # not clipped to white above 255
+    np.testing.assert_array_equal(a[..., 1], g8)
+
+
+def test_transparent_pixels_become_white():
+    from PIL import Image
+
+    from mlcd_train.data.reader import decode_record, to_rgb8
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :4, 3] = 255  # left half opaque red-ish, right half fully transparent
+    rgb, _ = decode_record({"png": _png(Image.fromarray(rgba, "RGBA"))})
+    a = np.asarray(rgb)
+    assert (a[:, 4:] == 255).all()
+    assert (a[:, :4] == [200, 0, 0]).all()
+    la = Image.fromarray(np.stack([np.full((4, 4), 10, np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA")
+    assert (np.asarray(to_rgb8(la)) == 255).all()
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 0, 0, 0, 0, 0] + [0] * (256 * 3 - 6))
+    p.info["transparency"] = 1
+    rgb, _ = decode_record({"png": _png(p)})
+    assert (np.asarray(rgb) == 255).all()
+    assert to_rgb8(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)

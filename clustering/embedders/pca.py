@@ -107,5 +107,7 @@ class _PixelTransform:
     def __call__(self, img):
         from PIL import Image
 
-        img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        from mlcd_train.data.reader import to_rgb8
+
+        img = to_rgb8(img).resize((self.size, self.size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

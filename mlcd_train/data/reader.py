@@ -262,6 +262,40 @@ def iter_records(path: str, start: int = 0, step: int = 1,
         yield index, cur_key, cur
 
 
+#: background of transparent pixels: white, as transformers' CLIPImageProcessor (do_convert_rgb,
+#: the config mlcd convert writes) composites them, so a converted model sees what we trained on
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb8(img):
+    """A PIL image of any mode as 8-bit RGB: 16-bit ("I;16*", and "I" holding values up to
+    65535) scaled by 1/257, other "I" / "F" ranges scaled from their min..max to 0..255,
+    transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) composited on white."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        if a.ndim == 3:  # not expected from PIL for these modes; keep the first channel
+            a = a[..., 0]
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535 and mode == "I"):
+            a = a / 257.0
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif lo < 0 or hi > 255:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        gray = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_record(members: dict) -> tuple[Any, Optional[int]]:
     """(PIL RGB image, cls) from a record's members; raises CorruptSample."""
     from PIL import Image
@@ -280,7 +314,7 @@ def decode_record(members: dict) -> tuple[Any, Optional[int]]:
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample(f"bad cls {members['cls'][:20]!r}") from None
     try:
-        image = Image.open(io.BytesIO(members[ext])).convert("RGB")
+        image = to_rgb8(Image.open(io.BytesIO(members[ext])))
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on bad data
         raise CorruptSample(f"undecodable {ext} ({type(exc).__name__}: {exc})") from None
     return image, cls
