@@ -12,6 +12,8 @@ API (what the trainer uses)::
     load_partial_fc(pfc, sources, optimizer=None)  # sources: folder of pfc_rank*.pt or list of
                                                     # files, saved with ANY number of ranks
     pfc.generator                                  # the sampling torch.Generator (weight's device)
+    pfc.plan(labels_of_all_micro_batches)          # gradient accumulation: fix the sampled classes
+                                                    # of the forwards up to the optimiser's next step
     pfc.last_index                                 # local rows sampled by the last forward (None = all)
     class_range(num_classes, world_size, rank)     # -> (class_start, num_local)
 
@@ -50,7 +52,12 @@ API (what the trainer uses)::
   step (row-wise AdamW with per-row step counts, or SGD with momentum); rows not sampled keep
   their weight and optimiser state bit for bit.  Its state lives with the shard.  Its
   ``zero_grad`` also forgets the rows of forwards not followed by a step (a skipped step);
-  several forwards before one step (gradient accumulation) update the union of their rows.  Plain
+  several forwards before one step (gradient accumulation) update the union of their rows.
+* ``plan(labels)`` (collective) draws the sampled set once from the labels of every
+  micro-batch of a step (this rank's rows, all ranks gathered); the forwards that follow use
+  it (their positives are in it) until the optimiser's step or zero_grad.  With the micro
+  losses scaled by 1 / micro-batches, the summed gradient is the full batch's exactly (same
+  positives, same negatives, same random draw).  Plain
   ``torch.optim`` optimisers over ``pfc.parameters()`` also work (the gradient of unsampled
   rows is zero, but weight decay / momentum then move them).
 * ``pfc.state_dict()`` carries num_classes, world_size, rank, class range and embedding
@@ -282,6 +289,7 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(weight)
         self._generator: torch.Generator | None = None
         self._pending: list[torch.Tensor | None] = []   # sampled rows since the optimiser's last step
+        self._planned: tuple | None = None               # (index,) fixed by plan() until the next step
         self.last_index: torch.Tensor | None = None      # rows sampled by the last forward (None = all)
 
     # ---- bookkeeping
@@ -404,17 +412,35 @@ class PartialFC(nn.Module):
         lo, n = self.class_start, self.num_local
         inside = (labels >= lo) & (labels < lo + n)
         local = torch.where(inside, labels - lo, torch.full_like(labels, -1))
-        if self.num_sample >= n:
-            return None, local
-        positives = torch.unique(local[inside])
-        if positives.numel() >= self.num_sample:
-            index = positives
+        if self._planned is not None:
+            index = self._planned[0]
+        elif self.num_sample >= n:
+            index = None
         else:
-            score = torch.rand(n, generator=self.generator, device=labels.device)
-            score[positives] = 2.0
-            index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
+            positives = torch.unique(local[inside])
+            if positives.numel() >= self.num_sample:
+                index = positives
+            else:
+                score = torch.rand(n, generator=self.generator, device=labels.device)
+                score[positives] = 2.0
+                index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
+        if index is None:
+            return None, local
         cols = torch.searchsorted(index, local.clamp(min=0))
         return index, torch.where(inside, cols, torch.full_like(cols, -1))
+
+    def plan(self, local_labels: torch.Tensor) -> None:
+        """Gradient accumulation: draw the sampled class set from ``local_labels`` (this rank's
+        labels of every micro-batch of the coming step; collective) and keep it for the
+        forwards until the optimiser's next step (``take_sampled``)."""
+        dummy = torch.zeros(local_labels.shape[0], self.embedding_size, device=self.weight.device)
+        labels = self._validate(dummy, local_labels)
+        if self.world_size > 1:
+            labels = _all_gather(labels, self.group, self.world_size)
+        if self.loss_type == "unicom":
+            labels = labels[:, :1]
+        self._planned = None
+        self._planned = (self._sample(labels)[0],)
 
     def _phi(self, cos: torch.Tensor) -> torch.Tensor:
         m = self.margin
@@ -482,6 +508,7 @@ class PartialFC(nn.Module):
     def take_sampled(self) -> torch.Tensor | None | bool:
         """Rows sampled by the forwards since the last call (None = all rows, False = none)."""
         pending, self._pending = self._pending, []
+        self._planned = None  # a plan lasts until the optimiser's step (or zero_grad)
         if not pending:
             return False
         if any(p is None for p in pending):

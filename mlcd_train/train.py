@@ -270,7 +270,7 @@ def accumulate_step(model, pfc, micro: list, params: list, clip: float, optimize
         with (no_sync() if no_sync is not None else nullcontext()):
             with amp if amp is not None else nullcontext():
                 emb = model(images)
-            loss = pfc(emb.float(), labels)
+            loss = pfc(emb if emb.dtype == torch.float64 else emb.float(), labels)
             if n > 1:
                 loss = loss / n
             if last:
