@@ -173,10 +173,13 @@ def test_a_rerun_with_other_settings_is_refused(demo_out):
     assert (demo_out / "summary.json").read_bytes() == before
 
 
-def test_bad_settings_refused_before_anything_is_written(tmp_path):
+def test_bad_settings_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "o"
-    with pytest.raises(MLCDError, match=r"--l and --k must be positive \(got 40, 2, 0, 50\)"):
+    with pytest.raises(SystemExit) as exc:                  # argparse: one line naming the option, status 2
         demo.main(["--out", str(out), "--quick", "--l", "0"])
+    assert exc.value.code == 2 and "--l" in capsys.readouterr().err
+    with pytest.raises(MLCDError, match=r"--l 60 exceeds --k 50"):
+        demo.main(["--out", str(out), "--quick", "--l", "60"])
     assert not out.exists()
 
 
