@@ -21,8 +21,8 @@ INSTALL_REQUIRES = [
     "pyyaml>=6,<7",
     "tqdm>=4.64,<5",
     "matplotlib>=3.7,<4",
-    # the resnet family is timm's ResNet; its `channels` argument (narrow CPU presets) came in 1.0
-    "timm>=1.0.3,<2",
+    # the resnet family is timm's ResNet; its `channels` argument (narrow CPU presets) came in 1.0.8
+    "timm>=1.0.8,<2",
 ]
 
 EXTRAS = {

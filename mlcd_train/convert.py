@@ -262,6 +262,9 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
         raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
     sd, meta = load_native(checkpoint_path)
     cfg = resolve_config(sd, meta, str(checkpoint_path), image_size=image_size, heads=num_heads, act=act)
+    if cfg.get("family", "vit") != "vit":
+        raise MLCDError(f"{checkpoint_path}: a {cfg.get('family')} export; the Hugging Face conversion is for ViTs "
+                        "(a ResNet export is timm's own state dict: see the README, 'Loading a ResNet export')")
     model = build_and_load(cfg, sd, str(checkpoint_path))  # fp32 copy of the (possibly bf16) weights
     dtype = next(iter(sd.values())).dtype  # the HF weights keep the export's precision
     del sd
@@ -415,8 +418,8 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlcd convert",
-        description=textwrap.fill("Convert a native MLCD export (mlcd export's X.pt, or a native RoPE2D checkpoint as the "
-                    "public conversion script reads) into a Hugging Face directory: MLCDVisionModel for RoPE2D "
+        description=textwrap.fill("Convert a native MLCD export (mlcd export's X.pt, or a native RoPE2D checkpoint as "
+                    "the public conversion script reads) into a Hugging Face directory: MLCDVisionModel for RoPE2D "
                     "towers, CLIPVisionModel / CLIPVisionModelWithProjection for learned absolute positions; "
                     "safetensors weights and a CLIPImageProcessor config. The written directory is reloaded "
                     "with transformers and checked against our model (class-token cosine > 0.9999 at every "

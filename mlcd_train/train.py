@@ -309,6 +309,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         core = create_model(cfg.model.name, **overrides).to(info.device)
         if cfg.model.grad_checkpointing:
+            from mlcd_train.models import is_resnet
+
+            if is_resnet(core):  # timm re-runs the forward in train mode: BatchNorm statistics updated twice
+                raise MLCDError("config key 'model.grad_checkpointing': not for the resnet family (the recomputed "
+                                "forward would update BatchNorm running statistics twice per step)")
             core.set_grad_checkpointing(True)
         self.core = core
         self.model_config = model_config_to_dict(core)
@@ -731,7 +736,7 @@ class Trainer:
                           win_good)
                 win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
                 win_loss, win_norm, win_good = 0.0, 0.0, 0
-            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == total):
+            if cfg.eval.every > 0 and not stopping and (step % cfg.eval.every == 0 or step == total):
                 self._evaluate(log, step)
             if stopping or step % cfg.train.save_every == 0 or step == total:
                 self._save(step)

@@ -136,3 +136,18 @@ def test_drop_path_is_seeded_and_active(name, over):
     plain.eval()
     with torch.no_grad():
         assert torch.equal(plain(x), model(x))
+
+
+def test_resnet_export_is_refused_by_convert_and_grad_checkpointing_by_name(tmp_path):
+    from mlcd_train import convert
+    from mlcd_train.export import save_native
+
+    model = create_model("ResNet-10-w16-28")
+    pt = tmp_path / "r.pt"
+    save_native(model.state_dict(), model_config_to_dict(model), pt)
+    with pytest.raises(MLCDError, match="resnet export; the Hugging Face conversion is for ViTs"):
+        convert.convert_to_hf(pt, tmp_path / "hf")
+    with pytest.raises(MLCDError, match="model.grad_checkpointing"):
+        train.main([f"output_dir={tmp_path / 'run'}", "data.synthetic=true", "loss.num_classes=8", "loss.l=2",
+                    "model.name=ResNet-10-w16-28", "model.grad_checkpointing=true", "train.steps=1",
+                    "train.global_batch_size=4", "train.device=cpu"])

@@ -36,6 +36,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def _complete(folder: str) -> bool:
         return False
     with open(meta) as f:
         return bool(json.load(f).get("complete"))
+
+
+_GLOBAL_RNG = threading.Lock()
 
 
 class Repro:
@@ -245,8 +249,9 @@ class Repro:
             from mlcd_train.export import save_native
             from mlcd_train.models import create_model, model_config_to_dict
 
-            torch.manual_seed(seed)
-            m = create_model(a.best_model, **yaml.safe_load(a.model_overrides))
+            with _GLOBAL_RNG:  # pool threads share torch's global generator
+                torch.manual_seed(seed)
+                m = create_model(a.best_model, **yaml.safe_load(a.model_overrides))
             save_native(m.state_dict(), model_config_to_dict(m), os.path.join(d, "student.pt"), source="random init")
             spec = "mlcd:" + os.path.join(d, "student.pt")
             commands.append(f"# torch.manual_seed({seed}); create_model({a.best_model!r}, **{a.model_overrides})")
@@ -262,7 +267,10 @@ class Repro:
                 self._sub(cmd, os.path.join(d, "train.log"), threads)
                 train_s = time.perf_counter() - t1
             export = os.path.join(d, "student.pt")
-            exp_argv = ["--checkpoint", os.path.join(d, "train"), "--out", export]
+            final = Path(d, "train", "checkpoints", f"step_{row['steps']:08d}")
+            if not (final / "meta.json").is_file():  # a trainer stopped early by a signal exits 0 too
+                raise MLCDError(f"{row['row']} seed {seed}: training ended before step {row['steps']}; rerun to resume")
+            exp_argv = ["--checkpoint", str(final), "--out", export]
             self._sub(py + ["mlcd_train.export"] + exp_argv, os.path.join(d, "export.log"), threads)
             commands.append(shlex.join(["mlcd", "export"] + exp_argv))
             spec = "mlcd:" + export
@@ -361,11 +369,14 @@ class Repro:
         threads = 1 if a.jobs > 1 else a.threads
         results: dict = {}
         for phase in (first, later):
-            with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            pool = ThreadPoolExecutor(max_workers=a.jobs)
+            try:
                 futs = [(t, pool.submit(self.run_one, t[0], t[1], threads)) for t in phase]
                 for (row, seed), f in futs:
                     results[(row["row"], seed)] = f.result()
                     self.save(rows, results, t0)
+            finally:  # a failure (or Ctrl-C) starts no further run
+                pool.shutdown(wait=True, cancel_futures=True)
         agg = self.save(rows, results, t0)
         path = self.plot(agg)
         print(self.report(agg))

@@ -238,7 +238,9 @@ class Augment:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.pil_ops or self.erase is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+                # the CPU generator only (torch.manual_seed would also reseed CUDA's, which fork_rng(devices=[])
+                # does not restore)
+                torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
                 for op in self.pil_ops:
                     img = op(img)
                 x = self._normalise(img)
