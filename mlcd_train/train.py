@@ -379,7 +379,23 @@ class Trainer:
         if err:
             raise MLCDError(err)
 
-    def _build_eval(self) -> None:
+    def _on_main(self, fn) -> None:
+        """Run ``fn`` on rank 0 while the others wait; an error there is raised on every rank
+        (instead of leaving them at a barrier until the collective timeout)."""
+        err = None
+        if self.info.is_main:
+            try:
+                fn()
+            except (MLCDError, OSError, RuntimeError, ValueError) as exc:
+                err = str(exc) if isinstance(exc, MLCDError) else f"{type(exc).__name__}: {exc}"
+        if self.info.distributed:
+            box = [err]
+            dist.broadcast_object_list(box, src=0)
+            err = box[0]
+        if err:
+            raise MLCDError(f"evaluation on rank 0: {err}")
+
+    def _build_eval(self, start: int = 0) -> None:
         """Rank 0's k-NN evaluator (eval.every > 0) and the best figure so far (OUT/best)."""
         from mlcd_train.trainer import evaluation as E
 
@@ -387,12 +403,13 @@ class Trainer:
         ec = self.cfg.eval
         if ec.every <= 0:
             return
-        if self.info.is_main:
+        def build():
             a = self.cfg.data.aug
             self.evaluator = E.KNNEvaluator(ec, self.image_size, a.mean, a.std, self.info.device)
-            meta = E.best_meta(self.out)
+            meta = E.best_meta(self.out) if start > 0 else None  # a fresh run does not inherit another's best
             self.best = meta["knn_top1"] if meta else None
-        barrier()
+
+        self._on_main(build)
 
     def _evaluate(self, log: "MetricsLog", step: int) -> None:
         """k-NN top-1 on rank 0 (the other ranks wait); OUT/best follows the best figure."""
@@ -403,7 +420,8 @@ class Trainer:
             from mlcd_train.trainer.parallel import full_state_dict
 
             full = full_state_dict(self.core, sharded=True)
-        if self.info.is_main:
+
+        def run():
             t0 = time.perf_counter()
             net = self.core
             if full is not None:
@@ -420,7 +438,8 @@ class Trainer:
             log.log({"step": step, "knn_top1": top1, "knn_best": self.best}, section="eval")
             print(f"eval step {step}: {self.cfg.eval.knn_k}-NN top-1 {top1:.2%} (best {self.best:.2%}) "
                   f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        barrier()
+
+        self._on_main(run)
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_folder(self) -> Path | None:
@@ -653,7 +672,7 @@ class Trainer:
                   f"k={cfg.loss.num_classes} "
                   f"l={cfg.loss.l} r={cfg.loss.sample_rate}, steps {start}->{total}, output {self.out}",
                   file=sys.stderr, flush=True)
-        self._build_eval()
+        self._build_eval(start)
         data = self._build_data(start * cfg.train.accum_steps)  # in micro-batches
         log = MetricsLog(self.out, start, info.is_main)
         stop = StopFlag()

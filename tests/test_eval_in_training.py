@@ -72,3 +72,23 @@ def test_evaluation_needs_both_folders(data, tmp_path):
     shards, _, _ = data
     with pytest.raises(MLCDError, match="eval.test"):
         train.main(_args(data, tmp_path / "x", "eval.every=2", f"eval.train={shards}"))
+
+
+def _eval_bad_folder(rank, world, out, shards, labels, bad):
+    return train.main([f"output_dir={out}", f"data.shards={shards}", f"data.labels={labels}",
+                       "model.name=ResNet-10-w16-28", "train.global_batch_size=8", "train.device=cpu",
+                       "train.steps=2", "loss.l=2", "data.num_workers=0", "eval.every=1",
+                       f"eval.train={bad}", f"eval.test={bad}"])
+
+
+@pytest.mark.slow
+def test_an_evaluation_error_on_rank_0_reaches_every_rank(data, tmp_path):
+    """Rank 0 builds the evaluator; a bad eval folder there must stop all ranks with the message,
+    not leave rank 1 at a barrier until the collective timeout."""
+    from tests.dist_utils import run_distributed
+
+    shards, labels, _ = data
+    with pytest.raises(RuntimeError) as exc:
+        run_distributed(_eval_bad_folder, 2, args=(str(tmp_path / "r"), str(shards), str(labels),
+                                                   str(tmp_path / "missing")), timeout=120)
+    assert "evaluation on rank 0" in str(exc.value) and "TimeoutError" not in type(exc.value).__name__
