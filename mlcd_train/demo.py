@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=d["rounds"],
                    help=f"rounds; round R+1's teacher is round R's student (default {d['rounds']})")
     p.add_argument("--k", type=positive_int, default=None, help=f"clusters (default {d['k']}; --quick {q['k']})")
-    p.add_argument("--l", type=positive_int, default=d["l"], help=f"labels (positive centres) per image (default {d['l']})")
+    p.add_argument("--l", type=positive_int, default=d["l"],
+                   help=f"labels (positive centres) per image (default {d['l']})")
     p.add_argument("--steps", type=positive_int, default=None, help=f"training steps (default {d['steps']}; "
                                                            f"--quick {q['steps']})")
     p.add_argument("--batch-size", type=positive_int, default=None,
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"in-training k-NN every steps/N steps (default N = {d['eval_fraction']}; 0: off)")
     p.add_argument("--nproc", type=positive_int, default=d["nproc"],
                    help=f"training ranks under torchrun (default {d['nproc']}; 1: in this process)")
-    p.add_argument("--pca-dim", type=positive_int, default=d["pca_dim"], help=f"teacher dimension (default {d['pca_dim']})")
+    p.add_argument("--pca-dim", type=positive_int, default=d["pca_dim"],
+                   help=f"teacher dimension (default {d['pca_dim']})")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--train-images", type=positive_int, default=None,
                    help="use only the first N of the sample's 3000 training images (smoke tests)")

@@ -389,7 +389,8 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlcd export",
-        description=textwrap.fill("Export the vision backbone of an mlcd training checkpoint as a flat native state dict "
+        description=textwrap.fill("Export the vision backbone of an mlcd training checkpoint as a flat native state "
+                    "dict "
                     "(X.pt, loadable with torch.load(weights_only=True)) plus a JSON sidecar X.json naming "
                     "the model config and image size. RoPE2D towers use the native MLCD layout that the "
                     "public Hugging Face conversion script reads; CLIP-style towers use open_clip's names.", 100),

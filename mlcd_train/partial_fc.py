@@ -678,7 +678,7 @@ def load_partial_fc(pfc: PartialFC, sources: str | os.PathLike | Sequence[str | 
     lo, hi = pfc.class_start, pfc.class_start + pfc.num_local
     opt_state = optimizer.state[pfc.weight] if optimizer is not None else None
     with torch.no_grad():
-        for path, st in shards:
+        for _path, st in shards:
             a, b = st["class_start"], st["class_start"] + st["num_local"]
             s, e = max(lo, a), min(hi, b)
             if s >= e:

@@ -114,11 +114,6 @@ def save_main_files(folder: Path, step: int, model_state: dict, model_config: di
     atomic_torch_save(trainer_state, folder / "trainer_state.pt")
 
 
-def save_trainer_state(folder: Path, trainer_state: dict) -> None:
-    """``trainer_state.pt`` alone (fsdp: the backbone and its optimiser go to DCP folders)."""
-    atomic_torch_save(trainer_state, folder / "trainer_state.pt")
-
-
 def save_trainer_state(folder: Path, state: dict) -> None:
     """``trainer_state.pt`` alone (train.py's fsdp path, whose model and optimiser are sharded)."""
     atomic_torch_save(state, Path(folder) / "trainer_state.pt")
