@@ -3,6 +3,8 @@
     python -m bench.bench_trainer            # CPU, tiny preset, 3 repeats
     python -m bench.bench_trainer --quick    # fewer steps, 2 repeats
     python -m bench.bench_trainer --gpu      # one GPU: ViT-B/16-224, k = 1M, bf16: img/s and MFU
+    python -m bench.bench_trainer --parallel fsdp   # step time of train.parallel=fsdp beside ddp,
+                                                    # 2 CPU ranks under torchrun (gloo)
 
 Reference ("bare loop"): the same model (``ViT-Tiny-4-28``), the same PartialFC loss and
 optimisers (AdamW with the trainer's parameter groups, PartialFC's row-sparse AdamW), the
@@ -189,11 +191,44 @@ def run_gpu(steps: int = 60) -> list[dict]:
                 ours / bare, None, f"peak {peak / 1e12:.0f} TFLOP/s bf16")]
 
 
+def run_parallel(modes: list[str], steps: int = 30, nproc: int = 2) -> list[dict]:
+    """Median step time (ms) of ``mlcd train`` under torchrun with ``nproc`` gloo ranks on the
+    CPU, in-memory data, for each ``train.parallel`` mode (first logged window excluded)."""
+    import subprocess
+
+    from tests.dist_utils import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            out = Path(tmp) / mode
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                   "-m", "mlcd_train.train", f"output_dir={out}", *_common(steps, 5), "data.synthetic=true",
+                   f"loss.num_classes={K}", f"train.parallel={mode}"]
+            env = dict(os.environ, OMP_NUM_THREADS="1", MLCD_QUIET="1",
+                       PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            subprocess.run(cmd, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL)
+            rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+            times[mode] = statistics.median(1000.0 * BATCH / r["img_per_s"] for r in rows[1:])
+    base = times.get("ddp")
+    note = f"{MODEL}, batch {BATCH} over {nproc} gloo ranks, k {K}, {steps} steps; shared CPU machine"
+    return [row("trainer-parallel", f"ms/step {m}", t, base, "ddp ms/step", t / base if base else None, None, note)
+            for m, t in times.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="the one-GPU ViT-B/16 k=1M measurement instead")
+    ap.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
+                    help="step time of this train.parallel mode beside ddp on 2 CPU ranks (torchrun)")
+    ap.add_argument("--steps", type=int, default=30, help="steps per run of --parallel")
     a = ap.parse_args()
+    if a.parallel:
+        print(format_table(run_parallel(sorted({"ddp", a.parallel}), a.steps)))
+        return
     print(format_table(run_gpu() if a.gpu else run(a.quick)))
 
 
