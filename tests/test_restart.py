@@ -25,7 +25,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,6 +33,7 @@ from mlcd_train.utils import dist as D
 from mlcd_train.utils.errors import MLCDError
 from tests.dist_utils import free_port
 from tests.fixtures import make_sample_shards
+from tests.test_train import make_labels  # the label folder the trainer tests use
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
@@ -204,27 +204,11 @@ STEPS = 24
 SHORT = [f"train.steps={STEPS}", "train.save_every=4", "train.log_every=1"]
 
 
-def make_labels(shards: Path, out: Path, k: int = 64, topk: int = 8) -> Path:
-    """A label folder as `mlcd assign` lays it out (labels derived from the true class: no teacher needed)."""
-    from mlcd_train.data.reader import ShardDataset, list_shards, shard_name
-
-    out.mkdir(parents=True, exist_ok=True)
-    for sh in list_shards(shards):
-        keys, rows = [], []
-        for s in ShardDataset([sh]):
-            keys.append(s.key)
-            rows.append([(s.cls * 6 + 2 * j + s.index % 2) % k for j in range(topk)])
-        np.save(out / f"{shard_name(sh)}.labels.npy", np.asarray(rows, dtype=np.int32))
-        np.save(out / f"{shard_name(sh)}.keys.npy", np.asarray(keys))
-    (out / "meta.json").write_text(json.dumps({"k": k, "topk": topk, "centroids": "none", "embedder": "cls"}))
-    return out
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("restart_data")
     shards = make_sample_shards(tmp, n=400, shard_size=100, name="shards")
-    return tmp, shards, make_labels(shards, tmp / "labels")
+    return tmp, shards, make_labels(shards, tmp / "labels", k=64, topk=8)
 
 
 def user_env(**extra) -> dict:
