@@ -151,31 +151,6 @@ def is_resnet(model: nn.Module) -> bool:
     return isinstance(getattr(model, "config", None), ResNetConfig)
 
 
-def resnet_flops_per_image(model: nn.Module) -> float:
-    """Forward multiply-adds x 2 of one image, counted on a meta-free forward hook pass."""
-    cfg = model.config
-    flops = 0
-
-    def hook(mod, inp, out):
-        nonlocal flops
-        if isinstance(mod, nn.Conv2d):
-            flops += 2 * out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-        elif isinstance(mod, nn.Linear):
-            flops += 2 * out.numel() * mod.in_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
-            model.train(was)
-    finally:
-        for h in hs:
-            h.remove()
-    return float(flops)
-
-
 def config_dict(cfg: ResNetConfig) -> dict:
     d = asdict(cfg)
     d["timm_kwargs"] = {k: (v.__name__ if isinstance(v, type) else (list(v) if isinstance(v, tuple) else v))
