@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-import torch
 from torch import nn
 
 from mlcd_train.utils.errors import MLCDError
