@@ -14,7 +14,6 @@ same weights as one without (a test checks this), and exact resume still holds.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -50,16 +49,6 @@ def _load_split(shards: str, image_size: int, limit: int) -> tuple[torch.Tensor,
     return torch.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def _classes(shards: str) -> dict | None:
-    p = Path(shards) / "classes.json"
-    if not p.is_file():
-        return None
-    from mlcd_train.utils.io import load_json
-
-    d = load_json(p)
-    return d if isinstance(d, dict) else None
-
-
 class KNNEvaluator:
     """k-NN top-1 of a backbone on (eval.train, eval.test); built on rank 0 only."""
 
@@ -70,13 +59,10 @@ class KNNEvaluator:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.train_x, self.train_y = _load_split(ecfg.train, image_size, ecfg.max_train)
         self.test_x, test_y = _load_split(ecfg.test, image_size, ecfg.max_test)
-        a, b = _classes(ecfg.train), _classes(ecfg.test)
-        if a is not None and b is not None and a != b:
-            # the test split numbers its classes on its own: map them to the training ids by name
-            from mlcd_train.probe import align_test_classes
+        # a split numbers its classes on its own: test ids mapped to the training ids by name (as the probe does)
+        from mlcd_train.probe import align_test_classes
 
-            test_y = align_test_classes(ecfg.train, ecfg.test, test_y)
-        self.test_y = test_y
+        self.test_y = align_test_classes(ecfg.train, ecfg.test, test_y)
 
     @torch.no_grad()
     def _embed(self, model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
@@ -108,14 +94,16 @@ class KNNEvaluator:
 
 def best_meta(out: Path) -> dict | None:
     """``OUT/best/meta.json`` (step and k-NN top-1 of the best checkpoint so far), or None."""
+    from mlcd_train.utils.io import load_json
+
     p = Path(out) / "best" / "meta.json"
     if not p.is_file():
         return None
-    try:
-        d = json.loads(p.read_text())
-        return d if isinstance(d, dict) and isinstance(d.get("knn_top1"), (int, float)) else None
-    except (OSError, ValueError):
+    try:  # read as any meta file (regular file, size checked); a bad one counts as no best yet
+        d = load_json(p, expect=dict)
+    except MLCDError:
         return None
+    return d if isinstance(d.get("knn_top1"), (int, float)) else None
 
 
 def save_best(out: Path, step: int, top1: float, state_dict: dict, model_config: dict) -> None:
