@@ -51,7 +51,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["mlcd_train", "mlcd_train.*", "clustering", "clustering.*"]),
+    # layers (docs/architecture.md): mlcd_core <- clustering <- mlcd_train
+    packages=find_packages(include=["mlcd_core", "mlcd_core.*", "clustering", "clustering.*",
+                                    "mlcd_train", "mlcd_train.*"]),
     include_package_data=True,
     package_data={"mlcd_train": ["data/sample/*"]},
     # the YAML presets live beside the packages (configs/); a wheel carries them here, where

@@ -44,9 +44,9 @@ import numpy as np
 
 from clustering import store
 from clustering.search import make_searcher, pick_backend
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.args import float_between, fraction_left_open, nonneg_int, positive_int
-from mlcd_train.utils.io import (OrderedWriter, atomic_save_json, atomic_save_npy, check_out_separate, json_field,
+from mlcd_core.errors import MLCDError
+from mlcd_core.args import float_between, fraction_left_open, nonneg_int, positive_int
+from mlcd_core.io import (OrderedWriter, atomic_save_json, atomic_save_npy, check_out_separate, json_field,
                                  load_json, remove_stale_tmp, safe_np_load)
 
 
@@ -311,7 +311,7 @@ def plot_sizes(out: str, top1: np.ndarray) -> str:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-    from mlcd_train.utils.io import atomic_open
+    from mlcd_core.io import atomic_open
 
     k = len(top1)
     fig = Figure(figsize=(10, 4))  # no pyplot: no global figure manager to keep in step
@@ -341,8 +341,8 @@ def plot_sizes(out: str, top1: np.ndarray) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mlcd_train.utils.dist import barrier, init_distributed
-    from mlcd_train.utils.progress import progress
+    from mlcd_core.dist import barrier, init_distributed
+    from mlcd_core.progress import progress
 
     if args.threads > 0:
         import faiss
@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from clustering import assign as _stage  # the module under its own name, as `mlcd assign` runs it
+    from mlcd_core.stage import run_main
 
-    sys.exit(run_stage("assign", sys.argv[1:]))
+    sys.exit(run_main("assign", _stage.main, sys.argv[1:]))

@@ -31,9 +31,9 @@ import time
 import numpy as np
 
 from clustering import store
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.args import nonneg_int, positive_int
-from mlcd_train.utils.io import check_out_separate, load_json, remove_stale_tmp
+from mlcd_core.errors import MLCDError
+from mlcd_core.args import nonneg_int, positive_int
+from mlcd_core.io import check_out_separate, load_json, remove_stale_tmp
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _loader(shards, transform, batch_size, workers, pin_memory=False):
     from torch.utils.data import DataLoader
 
-    from mlcd_train.data.reader import ShardDataset, collate_samples
+    from mlcd_core.reader import ShardDataset, collate_samples
 
     ds = ShardDataset(shards, transform=transform, rank=0, world_size=1)
     nw = min(workers, len(shards))
@@ -68,7 +68,7 @@ def _loader(shards, transform, batch_size, workers, pin_memory=False):
 
 def fit_pca(embedder, shards, n: int, batch_size: int, workers: int):
     """Fit the pca projection on the first ``n`` images of ``shards`` (in shard order)."""
-    from mlcd_train.data.reader import ShardDataset, collate_samples
+    from mlcd_core.reader import ShardDataset, collate_samples
     from torch.utils.data import DataLoader
 
     ds = ShardDataset(shards, transform=embedder.transform, rank=0, world_size=1)
@@ -85,7 +85,7 @@ def embed_group(embedder, group: list[str], out: str, batch_size: int, workers: 
     """Embed whole shards (one per worker), write each, return {shard name: rows}."""
     import torch
 
-    from mlcd_train.data.reader import shard_name
+    from mlcd_core.reader import shard_name
 
     buf = {shard_name(s): ([], [], [], [], []) for s in group}  # index, key, cls, emb chunks
     for b in _loader(group, embedder.transform, batch_size, workers, pin_memory=embedder.device.type == "cuda"):
@@ -130,9 +130,9 @@ def model_paths(model: str, pretrained: str | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clustering.embedders import get_embedder
-    from mlcd_train.data.reader import list_shards, shard_name
-    from mlcd_train.utils.dist import barrier, init_distributed
-    from mlcd_train.utils.progress import progress
+    from mlcd_core.reader import list_shards, shard_name
+    from mlcd_core.dist import barrier, init_distributed
+    from mlcd_core.progress import progress
 
     info = init_distributed(device=args.device)
     shards = list_shards(args.shards)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mine = shards[info.rank::info.world_size]
     todo = [s for s in mine if args.overwrite or not store.shard_done(out, shard_name(s))]
-    from mlcd_train.data.reader import read_sizes
+    from mlcd_core.reader import read_sizes
 
     sizes = read_sizes(todo) if todo else {}
     group = max(1, args.workers)
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from clustering import embed as _stage  # the module under its own name, as `mlcd embed` runs it
+    from mlcd_core.stage import run_main
 
-    sys.exit(run_stage("embed", sys.argv[1:]))
+    sys.exit(run_main("embed", _stage.main, sys.argv[1:]))

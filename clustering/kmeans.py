@@ -49,9 +49,9 @@ import numpy as np
 
 from clustering import store
 from clustering.search import TorchSearcher, faiss_has_gpu, pick_backend
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.args import nonneg_int, positive_int
-from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, check_out_separate, load_json
+from mlcd_core.errors import MLCDError
+from mlcd_core.args import nonneg_int, positive_int
+from mlcd_core.io import atomic_save_json, atomic_save_npy, check_out_separate, load_json
 
 DEFAULT_TWO_LEVEL_ABOVE = 65536
 
@@ -204,7 +204,7 @@ def torch_lloyd(x_local: np.ndarray, init: np.ndarray, niter: int, seed: int, de
     import torch
     import torch.distributed as dist
 
-    from mlcd_train.utils.progress import progress
+    from mlcd_core.progress import progress
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -265,7 +265,7 @@ def allocate(sizes: np.ndarray, k: int) -> np.ndarray:
 def two_level(x: np.ndarray, k: int, niter: int, seed: int, init: str, init_sample: int, backend: str,
               gpu: bool):
     """sqrt(k) coarse centres, then each coarse cluster split in proportion to its size."""
-    from mlcd_train.utils.progress import progress
+    from mlcd_core.progress import progress
 
     n = len(x)
     k1 = max(1, min(k, int(round(math.sqrt(k)))))
@@ -315,7 +315,7 @@ def flat(x, init, niter, seed, backend, gpu):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mlcd_train.utils.dist import barrier, init_distributed
+    from mlcd_core.dist import barrier, init_distributed
 
     if args.k < 1 or args.niter < 0:
         raise MLCDError(f"--k must be >= 1 and --niter >= 0 (got k={args.k}, niter={args.niter})")
@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from clustering import kmeans as _stage  # the module under its own name, as `mlcd cluster` runs it
+    from mlcd_core.stage import run_main
 
-    sys.exit(run_stage("cluster", sys.argv[1:]))
+    sys.exit(run_main("cluster", _stage.main, sys.argv[1:]))

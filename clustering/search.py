@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 # Worst error of a low-precision dot product of two unit vectors, with u the unit roundoff
 # (2^-8 for bf16's 8-bit significand, 2^-11 for fp16 and tf32): inputs rounded (2u + u^2),

@@ -1,7 +1,7 @@
 """Reading an embeddings folder (``mlcd embed`` -> ``EMB/``) safely and in bounded memory.
 
 Shared by ``mlcd cluster`` and ``mlcd assign``.  Every check raises an
-:class:`~mlcd_train.utils.errors.MLCDError` naming the file (and the shard and row for bad
+:class:`~mlcd_core.errors.MLCDError` naming the file (and the shard and row for bad
 values), before anything is written:
 
 * ``EMB/meta.json`` missing or malformed, or naming a shard whose files are missing;
@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import json_counts, json_field, load_json, open_regular, safe_np_load
+from mlcd_core.errors import MLCDError
+from mlcd_core.io import json_counts, json_field, load_json, open_regular, safe_np_load
 
 META = "meta.json"
 
@@ -290,7 +290,7 @@ def copy_keys(shard: EmbShard, dest: str) -> None:
     :func:`open_emb`; checked again here in case the file changed since."""
     import shutil
 
-    from mlcd_train.utils.io import atomic_open, tmp_path_for
+    from mlcd_core.io import atomic_open, tmp_path_for
 
     info = npy_info(shard.keys_path, "keys")
     if info.shape != (shard.n,):
@@ -393,7 +393,7 @@ def write_shard(root: str | os.PathLike, name: str, emb: np.ndarray, keys, cls=N
     The keys file is written last: its presence with a matching row count marks the shard
     finished (:func:`shard_done`).
     """
-    from mlcd_train.utils.io import atomic_save_npy
+    from mlcd_core.io import atomic_save_npy
 
     emb = np.asarray(emb, dtype=np.float32)
     keys = np.asarray(keys, dtype=np.str_)
@@ -411,7 +411,7 @@ def write_shard(root: str | os.PathLike, name: str, emb: np.ndarray, keys, cls=N
 def write_meta(root: str | os.PathLike, embedder: str, dim: int, counts: dict, complete: bool = True,
                **extra) -> None:
     """EMB/meta.json: embedder spec, dim, per-shard row counts in shard order, total."""
-    from mlcd_train.utils.io import atomic_save_json
+    from mlcd_core.io import atomic_save_json
 
     atomic_save_json(os.path.join(root, META),
                      {"embedder": embedder, "dim": int(dim), "dtype": "float16", "normalised": True,

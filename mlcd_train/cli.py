@@ -42,15 +42,10 @@ def _usage() -> str:
 
 def run_stage(name: str, argv: list[str]) -> int:
     """Run stage ``name`` with ``argv``; returns the exit status (never raises MLCDError)."""
-    from mlcd_train.utils.errors import MLCDError
+    from mlcd_core.stage import run_main
 
     module = importlib.import_module(STAGES[name][0])  # every stage ships: a failed import is a real error
-    try:
-        rc = module.main(argv)
-    except MLCDError as exc:
-        print(f"mlcd {name}: error: {exc}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return run_main(name, module.main, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,12 @@
     e = get_embedder("pca", dim=64, image_size=32)         # weights-free; call e.fit(...) first
     e = get_embedder("pca:EMB/pca.npz")                    # a fitted projection, re-loaded
 
+A kind is one module and one :func:`register_embedder` call (``KIND:ARG`` specs go to its
+factory).  ``open_clip``, ``hf`` and ``pca`` are registered here; ``mlcd`` (our own tower) is
+registered by the ``mlcd_train`` package, which owns the towers it loads (importing any
+``mlcd_train`` module registers it; clustering never imports mlcd_train, see
+docs/architecture.md).  :func:`embedder_kinds` lists what is registered.
+
 Every embedder has:
   ``spec``       the canonical spec string recorded in EMB/meta.json;
   ``dim``        the output dimension;
@@ -20,10 +26,13 @@ Every embedder has:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
+from mlcd_core.errors import MLCDError
 
-from mlcd_train.utils.errors import MLCDError
+if TYPE_CHECKING:  # torch is imported where it is used: `mlcd --help` imports this module
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,10 +47,14 @@ class Embedder:
     needs_fit: bool = False
 
     def __init__(self, device=None, autocast: bool = True):
+        import torch
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.autocast = autocast
 
     def to(self, device):
+        import torch
+
         self.device = torch.device(device)
         m = getattr(self, "model", None)
         if m is not None:
@@ -52,6 +65,8 @@ class Embedder:
         raise NotImplementedError
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16)
                if self.autocast and self.device.type == "cuda" else contextlib.nullcontext())
         with torch.inference_mode(), ctx:
@@ -83,6 +98,33 @@ def clip_transform(image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
 
 
+@dataclass(frozen=True)
+class EmbedderKind:
+    """One registered embedder kind: ``factory(arg, **opts)`` builds it from a ``KIND:ARG`` spec."""
+
+    name: str
+    factory: Callable[..., Embedder]
+    usage: str                   # how a spec of this kind is written, e.g. "hf:PATH"
+    missing_arg: Optional[str]   # the error when ARG is empty; None: the bare kind is valid ("pca")
+    order: int = 100             # position in error messages and listings
+
+
+_KINDS: dict[str, EmbedderKind] = {}
+
+
+def register_embedder(name: str, factory: Callable[..., Embedder], *, usage: str,
+                      missing_arg: Optional[str] = None, order: int = 100) -> None:
+    """Register an embedder kind (idempotent for the same name; a later call replaces it)."""
+    if not name or ":" in name:
+        raise ValueError(f"embedder kind {name!r}: a non-empty name without ':'")
+    _KINDS[name] = EmbedderKind(name, factory, usage, missing_arg, order)
+
+
+def embedder_kinds() -> list[EmbedderKind]:
+    """The registered kinds, in their listing order."""
+    return sorted(_KINDS.values(), key=lambda k: (k.order, k.name))
+
+
 def get_embedder(spec: str, **opts) -> Embedder:
     """Build the embedder named by ``spec`` (see the module docstring); options per kind:
 
@@ -91,28 +133,38 @@ def get_embedder(spec: str, **opts) -> Embedder:
     """
     kind, _, arg = spec.partition(":")
     opts = {k: v for k, v in opts.items() if v is not None}
-    if kind == "open_clip":
-        from clustering.embedders.open_clip import OpenClipEmbedder
+    entry = _KINDS.get(kind)
+    if entry is None:
+        usages = ", ".join(k.usage for k in embedder_kinds())
+        hint = ("" if kind != "mlcd" else
+                " (mlcd:PATH is registered by the mlcd_train package: run `mlcd embed`, or import mlcd_train)")
+        raise MLCDError(f"unknown embedder {spec!r}: use one of {usages}{hint}")
+    if not arg and entry.missing_arg is not None:
+        raise MLCDError(entry.missing_arg)
+    return entry.factory(arg, **opts)
 
-        if not arg:
-            raise MLCDError("open_clip embedder needs a model name: open_clip:NAME (or a config .json)")
-        return OpenClipEmbedder(arg, **opts)
-    if kind == "hf":
-        from clustering.embedders.hf import HFEmbedder
 
-        if not arg:
-            raise MLCDError("hf embedder needs a local directory: hf:PATH")
-        return HFEmbedder(arg, **opts)
-    if kind == "mlcd":
-        from clustering.embedders.mlcd import MLCDEmbedder
+def _open_clip(arg: str, **opts) -> Embedder:
+    from clustering.embedders.open_clip import OpenClipEmbedder
 
-        if not arg:
-            raise MLCDError("mlcd embedder needs a checkpoint or export: mlcd:PATH")
-        return MLCDEmbedder(arg, **opts)
-    if kind == "pca":
-        from clustering.embedders.pca import PCAEmbedder
+    return OpenClipEmbedder(arg, **opts)
 
-        if arg:
-            opts["projection"] = arg
-        return PCAEmbedder(**opts)
-    raise MLCDError(f"unknown embedder {spec!r}: use one of open_clip:NAME, hf:PATH, mlcd:PATH, pca")
+
+def _hf(arg: str, **opts) -> Embedder:
+    from clustering.embedders.hf import HFEmbedder
+
+    return HFEmbedder(arg, **opts)
+
+
+def _pca(arg: str, **opts) -> Embedder:
+    from clustering.embedders.pca import PCAEmbedder
+
+    if arg:
+        opts["projection"] = arg
+    return PCAEmbedder(**opts)
+
+
+register_embedder("open_clip", _open_clip, usage="open_clip:NAME", order=10,
+                  missing_arg="open_clip embedder needs a model name: open_clip:NAME (or a config .json)")
+register_embedder("hf", _hf, usage="hf:PATH", order=20, missing_arg="hf embedder needs a local directory: hf:PATH")
+register_embedder("pca", _pca, usage="pca", order=40)

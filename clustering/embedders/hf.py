@@ -12,7 +12,7 @@ import os
 import torch
 
 from clustering.embedders import CLIP_MEAN, CLIP_STD, Embedder, clip_transform
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 
 class HFEmbedder(Embedder):
@@ -38,7 +38,7 @@ class HFEmbedder(Embedder):
         mean, std = CLIP_MEAN, CLIP_STD
         pp = os.path.join(path, "preprocessor_config.json")
         if os.path.isfile(pp):
-            from mlcd_train.utils.io import json_field, load_json
+            from mlcd_core.io import json_field, load_json
 
             p = load_json(pp, expect=dict)
             mean = json_field(p, "image_mean", list, pp, default=mean)

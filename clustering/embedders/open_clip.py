@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from clustering.embedders import Embedder
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 
 class OpenClipEmbedder(Embedder):

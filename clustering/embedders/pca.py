@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from clustering.embedders import Embedder
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 EPS = 1e-5
 
@@ -64,7 +64,7 @@ class PCAEmbedder(Embedder):
         self.dim = int(self.w.shape[0])
 
     def save(self, path) -> None:
-        from mlcd_train.utils.io import atomic_open
+        from mlcd_core.io import atomic_open
 
         with atomic_open(path, "wb") as f:
             np.savez(f, mean=self.mean_np, components=self.components_np, eigenvalues=self.eigen_np,
@@ -72,7 +72,7 @@ class PCAEmbedder(Embedder):
         self.projection = os.path.abspath(path)
 
     def load(self, path) -> None:
-        from mlcd_train.utils.io import safe_np_load
+        from mlcd_core.io import safe_np_load
 
         try:  # a regular file, never unpickled
             z = safe_np_load(path, "pca projection")
@@ -107,7 +107,7 @@ class _PixelTransform:
     def __call__(self, img):
         from PIL import Image
 
-        from mlcd_train.data.reader import to_rgb8
+        from mlcd_core.reader import to_rgb8
 
         img = to_rgb8(img).resize((self.size, self.size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

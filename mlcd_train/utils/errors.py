@@ -1,10 +1,7 @@
-"""User-facing errors.
+"""Moved to :mod:`mlcd_core.errors` (the core layer, see docs/architecture.md); this name stays an alias
+of that module (the same module object, so attributes and monkeypatches are shared)."""
+import sys
 
-Raise :class:`MLCDError` for anything the user can fix (bad input, bad config, missing file).
-The ``mlcd`` command prints its message without a traceback and exits with status 2.
-The message must name the file, shard or key at fault.
-"""
+import mlcd_core.errors
 
-
-class MLCDError(Exception):
-    """An error caused by the user's input, reported without a traceback."""
+sys.modules[__name__] = mlcd_core.errors

@@ -5,6 +5,9 @@ PATH is a native export ``X.pt`` (with its ``X.json`` sidecar), a trainer ``mode
 Loading goes through ``mlcd_train.export`` (the same code ``mlcd export`` and ``convert`` use).
 Preprocessing: CLIP's eval transform at the model's image size with the trainer's default
 CLIP mean/std.  Output: ``model(pixels)`` ([B, output_dim or width]).
+
+It lives in mlcd_train (the towers' package) and is registered with clustering's embedder
+registry by ``mlcd_train/__init__.py``: clustering stays below mlcd_train (docs/architecture.md).
 """
 from __future__ import annotations
 
