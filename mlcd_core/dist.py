@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 
 @dataclass

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 TMP_SUFFIX = ".tmp"
 

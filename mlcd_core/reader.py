@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.errors import MLCDError
 
 log = logging.getLogger("mlcd.reader")
 
@@ -106,7 +106,7 @@ def _expand_one(src: str) -> list[str]:
     if p.is_dir():
         sizes = p / "sizes.json"
         if sizes.is_file():
-            from mlcd_train.utils.io import json_counts, load_json
+            from mlcd_core.io import json_counts, load_json
 
             names = list(json_counts(load_json(sizes), sizes))  # plain file names: stay in ``p``
             missing = [n for n in names if not (p / n).is_file()]
@@ -148,7 +148,7 @@ def count_records(path: str) -> int:
 
 def read_sizes(shards: Iterable[str]) -> dict[str, int]:
     """{shard path: sample count} from each folder's ``sizes.json``; tars it does not list are counted."""
-    from mlcd_train.utils.io import json_counts, load_json
+    from mlcd_core.io import json_counts, load_json
 
     cache: dict[str, dict] = {}
     out = {}
@@ -186,7 +186,7 @@ def _iter_members(path: str, start: int = 0, step: int = 1,
     """Yield (sample number, key, ext, bytes or None) for every regular member.  Only wanted
     members (images, cls) of the samples ``start, start + step, ...`` are read; the others are
     passed over unread (bytes None)."""
-    from mlcd_train.utils.io import open_regular
+    from mlcd_core.io import open_regular
 
     try:
         raw = open_regular(path, what="shard")  # a FIFO or device named x.tar is never read
