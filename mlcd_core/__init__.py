@@ -7,6 +7,7 @@
 - :mod:`mlcd_core.progress`: tqdm bars on rank 0.
 - :mod:`mlcd_core.reader`: the WebDataset shard reader (ShardDataset, list_shards, ...).
 - :mod:`mlcd_core.stage`: ``run_main``, a stage's command line turned into an exit status.
+- :mod:`mlcd_core.lock`: ``output_lock``, one run per output folder.
 
 A core module imports only the standard library, third-party packages and other core
 modules: never ``clustering`` or ``mlcd_train`` (tests/test_layers.py checks it).  The old
