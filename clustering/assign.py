@@ -39,6 +39,8 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -337,106 +339,138 @@ def plot_sizes(out: str, top1: np.ndarray) -> str:
     return path
 
 
-# ------------------------------------------------------------------------------------ main
+# -------------------------------------------------------------------------------- Python API
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@dataclass
+class AssignResult:
+    """What :func:`assign` returns: ``out`` the labels folder, ``k`` centres, ``topk`` labels per
+    row, ``total`` rows, ``shards_done`` shards (re)written by this run on this rank,
+    ``seconds``; on rank 0 ``meta`` (LBL/meta.json) and ``stats`` (stats.json, unless
+    ``no_stats``)."""
+
+    out: str
+    k: int
+    topk: int
+    total: int
+    shards_done: int
+    seconds: float
+    meta: Optional[dict] = None
+    stats: Optional[dict] = None
+
+
+def assign(emb: str, centroids: str, out: str, *, topk: int = 8, threshold: Optional[float] = None,
+           approx: bool = False, nlist: int = 0, nprobe: int = 16, recall_rows: int = 10000,
+           target_recall: Optional[float] = None, backend: str = "auto", cand_dtype: Optional[str] = None,
+           gpu: bool = False, chunk: int = 0, threads: int = 0, embedder: Optional[str] = None,
+           overwrite: bool = False, no_stats: bool = False) -> AssignResult:
+    """``mlcd assign``: every row of the EMB folder ``emb`` gets its ``topk`` most similar centres
+    of ``centroids`` (``CL/centroids.npy``), written to the labels folder ``out``.
+
+    Keywords are the command's flags (``recall_rows`` is ``--recall-sample``; see the module
+    docstring): ``threshold`` keeps only centres with similarity > T (the top-1 always);
+    ``approx`` searches an IVF index (``nlist``, ``nprobe`` or ``target_recall``); ``backend``
+    "auto" | "faiss" | "torch"; ``chunk`` rows searched at once (0: 4096 on CPU, 65536 on GPU).
+    Finished shards of the same run are kept unless ``overwrite``.  Runs on every rank under
+    torchrun (shards split over ranks).  Bad input is an :class:`~mlcd_core.errors.MLCDError`
+    naming the file or option, raised before anything is written.
+    """
     from mlcd_core.dist import barrier, init_distributed
     from mlcd_core.progress import progress
 
-    if args.threads > 0:
+    if threads > 0:
         import faiss
         import torch
 
-        faiss.omp_set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
     # LBL/meta.json, keys files and temporaries are replaced or deleted: never in EMB or CL
-    check_out_separate("--out", args.out, [("--emb", args.emb), ("--centroids", args.centroids)])
-    info = init_distributed(device="cuda" if args.gpu else None)
-    emb = store.open_emb(args.emb, expect_embedder=args.embedder)
-    cent, cmeta = load_centroids(args.centroids)
+    check_out_separate("--out", out, [("--emb", emb), ("--centroids", centroids)])
+    info = init_distributed(device="cuda" if gpu else None)
+    folder = store.open_emb(emb, expect_embedder=embedder)
+    cent, cmeta = load_centroids(centroids)
     k, d = cent.shape
-    L = args.topk
-    if d != emb.dim:
-        raise MLCDError(f"{args.centroids}: centres have dimension {d}, embeddings in "
-                        f"{os.path.join(args.emb, store.META)} have {emb.dim}")
+    L = topk
+    if d != folder.dim:
+        raise MLCDError(f"{centroids}: centres have dimension {d}, embeddings in "
+                        f"{os.path.join(emb, store.META)} have {folder.dim}")
     if not 1 <= L <= k:
-        raise MLCDError(f"{args.centroids}: --topk {L} must be between 1 and k={k}")
-    if cmeta.get("embedder") not in (None, "", emb.embedder):
-        raise MLCDError(f"{os.path.join(args.emb, store.META)}: embeddings made with {emb.embedder!r}, "
-                        f"but the centres {args.centroids} come from {cmeta['embedder']!r}")
+        raise MLCDError(f"{centroids}: --topk {L} must be between 1 and k={k}")
+    if cmeta.get("embedder") not in (None, "", folder.embedder):
+        raise MLCDError(f"{os.path.join(emb, store.META)}: embeddings made with {folder.embedder!r}, "
+                        f"but the centres {centroids} come from {cmeta['embedder']!r}")
     c_sha = (cmeta.get("embedder_info") or {}).get("weights_sha")
-    e_sha = (emb.meta.get("embedder_info") or {}).get("weights_sha")
+    e_sha = (folder.meta.get("embedder_info") or {}).get("weights_sha")
     if c_sha and e_sha and c_sha != e_sha:
-        raise MLCDError(f"{os.path.join(args.emb, store.META)}: embeddings made with other weights "
-                        f"(weights_sha {e_sha}) than the embeddings the centres {args.centroids} were "
-                        f"clustered from ({c_sha}), under the same spec {emb.embedder!r}")
-    meta_path = os.path.join(args.out, "meta.json")
+        raise MLCDError(f"{os.path.join(emb, store.META)}: embeddings made with other weights "
+                        f"(weights_sha {e_sha}) than the embeddings the centres {centroids} were "
+                        f"clustered from ({c_sha}), under the same spec {folder.embedder!r}")
+    meta_path = os.path.join(out, "meta.json")
     # what makes two runs the same: a rerun may keep the other's finished shards only if all of
     # these agree (the centres by content, not just by path: a re-clustered CL/ keeps its path)
     settings = {
-        "k": k, "topk": L, "centroids": store.resolve(args.centroids),
-        "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(args.emb),
-        "emb_shards": emb.meta.get("shards"), "embedder": emb.embedder, "embedder_info": emb.meta.get("embedder_info"),
-        "threshold": args.threshold}
+        "k": k, "topk": L, "centroids": store.resolve(centroids),
+        "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(emb),
+        "emb_shards": folder.meta.get("shards"), "embedder": folder.embedder,
+        "embedder_info": folder.meta.get("embedder_info"),
+        "threshold": threshold}
     old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
     differ = store.run_difference(old, settings) if old is not None else ""
     same_run = old is not None and not differ
-    if old is not None and not same_run and not args.overwrite:
-        raise MLCDError(f"{meta_path}: {args.out} holds labels of another run ({differ}); "
+    if old is not None and not same_run and not overwrite:
+        raise MLCDError(f"{meta_path}: {out} holds labels of another run ({differ}); "
                         f"use --overwrite or another --out")
     barrier()  # every rank has read the old meta.json before rank 0 replaces it
 
-    if args.target_recall is not None and not (args.approx and 0 < args.target_recall <= 1):
+    if target_recall is not None and not (approx and 0 < target_recall <= 1):
         raise MLCDError("--target-recall needs --approx and a value in (0, 1]")
-    backend = pick_backend(args.backend, args.gpu)
-    searcher = make_searcher(cent, backend=backend, approx=args.approx, nlist=args.nlist or None,
-                             nprobe=args.nprobe, gpu=args.gpu, cand_dtype=args.cand_dtype)
-    chunk = args.chunk or (65536 if getattr(searcher, "on_gpu", False) else 4096)
-    if chunk < 1:
-        raise MLCDError(f"--chunk must be positive, not {args.chunk}")
+    backend = pick_backend(backend, gpu)
+    searcher = make_searcher(cent, backend=backend, approx=approx, nlist=nlist or None,
+                             nprobe=nprobe, gpu=gpu, cand_dtype=cand_dtype)
+    chunk_rows = chunk or (65536 if getattr(searcher, "on_gpu", False) else 4096)
+    if chunk_rows < 1:
+        raise MLCDError(f"--chunk must be positive, not {chunk}")
     curve = None
-    if args.target_recall is not None:
+    if target_recall is not None:
         # every rank tunes on the same seeded sample, so all of them pick the same nprobe
-        xs, Ie = recall_sample(emb, cent, L, args.recall_sample)
-        nprobe, curve = tune_nprobe(searcher, xs, Ie, L, args.target_recall)
+        xs, Ie = recall_sample(folder, cent, L, recall_rows)
+        nprobe, curve = tune_nprobe(searcher, xs, Ie, L, target_recall)
         del xs, Ie
         if info.is_main and nprobe * 4 > searcher.nlist:
             # IVF then scans over a quarter of the centres plus its lists' overhead: measured
             # slower than exact search at k = 100k (bench_assign, random centres)
-            print(f"mlcd assign: recall {args.target_recall} needs nprobe {nprobe} of nlist "
+            print(f"mlcd assign: recall {target_recall} needs nprobe {nprobe} of nlist "
                   f"{searcher.nlist}: expect no speed-up over exact search (drop --approx); "
                   f"the centres have little cluster structure", file=sys.stderr)
-    base_meta = {**settings, "dim": d, "total": emb.total, "counts": {sh.name: sh.n for sh in emb.shards}}
+    base_meta = {**settings, "dim": d, "total": folder.total, "counts": {sh.name: sh.n for sh in folder.shards}}
     if info.is_main:
-        remove_stale_tmp(args.out)  # left by a killed run; no rank writes before the barrier
+        remove_stale_tmp(out)  # left by a killed run; no rank writes before the barrier
     if info.is_main and not same_run:
         # written first (complete=false), so a rerun with other settings is refused, not mixed in
         atomic_save_json(meta_path, {**base_meta, "complete": False})
     barrier()
-    mine = store.shard_names_for_rank(emb.shards, info.rank, info.world_size)
-    todo = [sh for sh in mine if args.overwrite or not label_done(args.out, sh.name, sh.n, L)]
-    os.makedirs(args.out, exist_ok=True)
+    mine = store.shard_names_for_rank(folder.shards, info.rank, info.world_size)
+    todo = [sh for sh in mine if overwrite or not label_done(out, sh.name, sh.n, L)]
+    os.makedirs(out, exist_ok=True)
     if old is not None and not same_run:
         # --overwrite of another run's labels (other centres, embeddings or settings): none of
         # its shards may count as finished if this run is killed before redoing it.  Under the
         # same settings an old shard holds exactly what a redo writes, so it stays.
         for sh in todo:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(args.out, f"{sh.name}.keys.npy"))
+                os.unlink(os.path.join(out, f"{sh.name}.keys.npy"))
     t0 = time.perf_counter()
     c0 = time.process_time()
-    bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="emb")
+    bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="folder")
     # a shard's files are written in the background while the next shard is searched
     writer = OrderedWriter(depth=1)
-    acc = LabelStats(k, L) if info.is_main and not args.no_stats else None
+    acc = LabelStats(k, L) if info.is_main and not no_stats else None
     in_acc: set = set()
-    reader = store.prefetch(store.iter_raw_run(todo, chunk))  # one read-ahead thread per run
+    reader = store.prefetch(store.iter_raw_run(todo, chunk_rows))  # one read-ahead thread per run
     try:
         for sh in todo:
-            labels, scores = assign_shard(searcher, sh, L, chunk, args.threshold, bar,
-                                          chunks=_shard_chunks(reader, sh, chunk))
-            writer.submit(write_shard_labels, args.out, sh, labels, scores)
+            labels, scores = assign_shard(searcher, sh, L, chunk_rows, threshold, bar,
+                                          chunks=_shard_chunks(reader, sh, chunk_rows))
+            writer.submit(write_shard_labels, out, sh, labels, scores)
             if acc is not None:  # stats from memory: the end of the run reads back only other shards
                 acc.add(labels, scores, store.load_cls(sh))
                 in_acc.add(sh.name)
@@ -450,31 +484,48 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - c0
     barrier()
+    result = AssignResult(out=out, k=k, topk=L, total=folder.total, shards_done=len(todo), seconds=seconds)
     if info.is_main:
-        search = {"backend": backend, "approx": args.approx}
-        if args.approx:
+        search = {"backend": backend, "approx": approx}
+        if approx:
             search.update(nlist=searcher.nlist, nprobe=searcher.nprobe)
             if curve is not None:
-                search.update(target_recall=args.target_recall, nprobe_curve=curve,
+                search.update(target_recall=target_recall, nprobe_curve=curve,
                               recall={"recall_at_L": curve[-1]["recall_at_L"],
                                       "top1_agreement": curve[-1]["top1_agreement"],
-                                      "sample": min(args.recall_sample, emb.total)})
+                                      "sample": min(recall_rows, folder.total)})
             else:
-                search["recall"] = recall_at_l(emb, cent, searcher, L, args.recall_sample)
+                search["recall"] = recall_at_l(folder, cent, searcher, L, recall_rows)
         if backend == "torch":
             search["cand_dtype"] = searcher.cand_dtype
             search["exact_fallback_rows"] = searcher.n_fallback
         meta = {**base_meta, "complete": True, "search": search,
                 "seconds_rank0": seconds, "cpu_seconds_rank0": cpu_seconds,
                 "shards_done_this_run_rank0": len(todo)}
-        if not args.no_stats:
-            stats, top1 = compute_stats(args.out, emb, k, L, acc, in_acc)
-            atomic_save_json(os.path.join(args.out, "stats.json"), stats)
-            plot_sizes(args.out, top1)
+        if not no_stats:
+            stats, top1 = compute_stats(out, folder, k, L, acc, in_acc)
+            result.stats = stats
+            atomic_save_json(os.path.join(out, "stats.json"), stats)
+            plot_sizes(out, top1)
         atomic_save_json(meta_path, meta)
-        print(f"mlcd assign: {emb.total} embeddings -> top-{L} of {k} centres ({backend}"
-              f"{', approx' if args.approx else ''}) in {args.out}", file=sys.stderr)
+        result.meta = meta
+        print(f"mlcd assign: {folder.total} embeddings -> top-{L} of {k} centres ({backend}"
+              f"{', approx' if approx else ''}) in {out}", file=sys.stderr)
     barrier()
+    return result
+
+
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    """``mlcd assign``'s command line: the flags of :func:`build_parser` -> :func:`assign`."""
+    a = build_parser().parse_args(argv)
+    assign(a.emb, a.centroids, a.out, topk=a.topk, threshold=a.threshold, approx=a.approx, nlist=a.nlist,
+           nprobe=a.nprobe, recall_rows=a.recall_sample, target_recall=a.target_recall, backend=a.backend,
+           cand_dtype=a.cand_dtype, gpu=a.gpu, chunk=a.chunk, threads=a.threads, embedder=a.embedder,
+           overwrite=a.overwrite, no_stats=a.no_stats)
     return 0
 
 

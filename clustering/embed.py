@@ -19,6 +19,8 @@ Shards are read by ``--workers`` DataLoader workers, in groups of one shard per 
 (a crash loses at most one group).  Inference runs under ``torch.inference_mode`` and, on
 CUDA, bf16 autocast (``--no-autocast`` for fp32).  An EMB folder made by another embedder is
 refused unless ``--overwrite``.
+
+Python: :func:`embed` (what the command runs) -> :class:`EmbedResult`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -117,6 +121,30 @@ def embed_group(embedder, group: list[str], out: str, batch_size: int, workers: 
     return counts
 
 
+def portable_identity(ident: dict, out: str) -> dict:
+    """``embedder_info`` as EMB/meta.json records it: a projection file inside the EMB folder
+    (``EMB/pca.npz``) by its path relative to the folder, so a moved or copied folder is still
+    recognised as the same run."""
+    ident = dict(ident)
+    proj = ident.get("projection")
+    if isinstance(proj, str) and os.path.isabs(proj):
+        rel = os.path.relpath(proj, os.path.abspath(out))
+        if not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
+            ident["projection"] = rel
+    return ident
+
+
+def comparable_identity(was: dict, now: dict) -> dict:
+    """The recorded ``was`` ready to compare with ``now``: a meta written before projections were
+    recorded relative to the folder (an absolute path), or one of a folder since moved, names the
+    same projection when the content fingerprints (``weights_sha``) agree."""
+    was = dict(was)
+    if ("projection" in was and was.get("weights_sha") and was.get("weights_sha") == now.get("weights_sha")
+            and was["projection"] != now.get("projection")):
+        was["projection"] = now.get("projection")
+    return was
+
+
 def model_paths(model: str, pretrained: str | None) -> list[str]:
     """The files or folders an embedder spec reads (``hf:PATH``, ``mlcd:PATH``, ``pca:FILE``,
     an open_clip config ``.json`` or local ``--pretrained`` file)."""
@@ -127,53 +155,79 @@ def model_paths(model: str, pretrained: str | None) -> list[str]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@dataclass
+class EmbedResult:
+    """What :func:`embed` returns: ``out`` the EMB folder, the embedder's canonical ``spec`` and
+    ``dim``, ``shards`` in the folder, ``shards_done`` / ``images_done`` by this run on this
+    rank, ``seconds``; on rank 0 ``counts`` ({shard: rows}, as meta.json records them)."""
+
+    out: str
+    spec: str
+    dim: int
+    shards: int
+    shards_done: int
+    images_done: int
+    seconds: float
+    counts: Optional[dict] = None
+
+
+def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim: int = 64, image_size: int = 32,
+          pca_fit_samples: int = 5000, batch_size: int = 256, workers: int = 4, device: Optional[str] = None,
+          autocast: bool = True, overwrite: bool = False) -> EmbedResult:
+    """``mlcd embed``: every image of ``shards`` (a folder, tar, brace pattern or list of tars)
+    through the embedder ``model`` (``open_clip:NAME``, ``hf:PATH``, ``mlcd:PATH``, ``pca``,
+    ``pca:FILE.npz``; see :func:`clustering.embedders.get_embedder`) into the EMB folder ``out``.
+
+    Keywords are the command's flags: ``pretrained`` (open_clip tag or file), ``dim``,
+    ``image_size``, ``pca_fit_samples`` (pca only), ``batch_size``, ``workers`` (DataLoader),
+    ``device``, ``autocast`` (bf16 on CUDA), ``overwrite`` (redo finished shards).  Runs on
+    every rank under torchrun (shards split over ranks); a rerun skips finished shards.  Bad
+    input is an :class:`~mlcd_core.errors.MLCDError` naming the file or option.
+    """
     from clustering.embedders import get_embedder
     from mlcd_core.reader import list_shards, shard_name
     from mlcd_core.dist import barrier, init_distributed
     from mlcd_core.progress import progress
 
-    info = init_distributed(device=args.device)
-    shards = list_shards(args.shards)
-    if not shards:
-        raise MLCDError(f"{args.shards}: no shards found")
-    names = [shard_name(s) for s in shards]
+    info = init_distributed(device=device)
+    shard_paths = list_shards(shards)
+    if not shard_paths:
+        raise MLCDError(f"{shards}: no shards found")
+    names = [shard_name(s) for s in shard_paths]
     if len(set(names)) != len(names):  # outputs are keyed by name: two would share one file
         seen: dict = {}
-        for s, n in zip(shards, names):
+        for s, n in zip(shard_paths, names):
             if n in seen:
                 raise MLCDError(f"{s}: shard name {n} also names {seen[n]}; EMB files are keyed by shard "
                                 f"name, so embed the two folders into separate --out folders")
             seen[n] = s
-    out = args.out
     # EMB's files and temporaries are replaced or deleted: never in a shard or model folder
-    check_out_separate("--out", out, [("--shards", s) for s in sorted({os.path.dirname(s) for s in shards})]
-                       + [("--model", p) for p in model_paths(args.model, args.pretrained)])
+    check_out_separate("--out", out, [("--shards", s) for s in sorted({os.path.dirname(s) for s in shard_paths})]
+                       + [("--model", p) for p in model_paths(model, pretrained)])
     meta_path = os.path.join(out, store.META)
     old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
     if old is not None:
         store.check_meta({"dim": 1, "counts": {}, **old}, meta_path)
 
-    opts = {"device": str(info.device) if args.device is None else args.device}
-    if args.model.startswith("open_clip:"):
-        opts["pretrained"] = args.pretrained
+    opts = {"device": str(info.device) if device is None else device}
+    if model.startswith("open_clip:"):
+        opts["pretrained"] = pretrained
     pca_path = os.path.join(out, "pca.npz")
-    if args.model == "pca":
-        opts.update(dim=args.dim, image_size=args.image_size)
-        if os.path.exists(pca_path) and not args.overwrite:
+    if model == "pca":
+        opts.update(dim=dim, image_size=image_size)
+        if os.path.exists(pca_path) and not overwrite:
             opts["projection"] = pca_path
-    embedder = get_embedder(args.model, **opts)
-    if (args.model == "pca" and "projection" in opts
-            and (embedder.dim, embedder.image_size) != (args.dim, args.image_size)):
-        raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {args.dim} was asked "
-                        f"(image size {embedder.image_size} vs {args.image_size}); use --overwrite or another --out")
-    embedder.autocast = not args.no_autocast
-    if old is not None and not args.overwrite and (old.get("embedder") != embedder.spec
+    embedder = get_embedder(model, **opts)
+    if (model == "pca" and "projection" in opts
+            and (embedder.dim, embedder.image_size) != (dim, image_size)):
+        raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {dim} was asked "
+                        f"(image size {embedder.image_size} vs {image_size}); use --overwrite or another --out")
+    embedder.autocast = autocast
+    if old is not None and not overwrite and (old.get("embedder") != embedder.spec
                                                    or int(old.get("dim", -1)) != embedder.dim):
         raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
                         f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
-    if info.is_main and args.overwrite:
+    if info.is_main and overwrite:
         # no old shard may count as finished once this run has begun (before a refit replaces
         # pca.npz): a run killed halfway must not leave a folder that a plain rerun would
         # complete with rows of two models
@@ -182,14 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(os.path.join(out, f"{n}.keys.npy"))
     if embedder.needs_fit:
         if info.is_main:
-            fit_pca(embedder, shards, args.pca_fit_samples, args.batch_size, args.workers)
+            fit_pca(embedder, shard_paths, pca_fit_samples, batch_size, workers)
             embedder.save(pca_path)
         barrier()
         if not info.is_main:
             embedder.load(pca_path)
-    describe = embedder.identity()
-    if old is not None and not args.overwrite and old.get("embedder_info") is not None:
-        was = old["embedder_info"]
+    describe = portable_identity(embedder.identity(), out)
+    if old is not None and not overwrite and old.get("embedder_info") is not None:
+        was = comparable_identity(old["embedder_info"], describe)
         differ = store.run_difference(was, {key: describe.get(key) for key in sorted(set(was) | set(describe))})
         if differ:
             raise MLCDError(f"{meta_path}: {out} holds embeddings of another model under the same spec "
@@ -198,24 +252,26 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         remove_stale_tmp(out)  # left by a killed run (as large as a shard); no rank writes yet
         store.write_meta(out, embedder.spec, embedder.dim, {}, complete=False, embedder_info=describe,
-                         shards=os.path.abspath(args.shards) if isinstance(args.shards, str) else None)
+                         shards=os.path.abspath(shards) if isinstance(shards, str) else None)
     barrier()
 
-    mine = shards[info.rank::info.world_size]
-    todo = [s for s in mine if args.overwrite or not store.shard_done(out, shard_name(s))]
+    mine = shard_paths[info.rank::info.world_size]
+    todo = [s for s in mine if overwrite or not store.shard_done(out, shard_name(s))]
     from mlcd_core.reader import read_sizes
 
     sizes = read_sizes(todo) if todo else {}
-    group = max(1, args.workers)
+    group = max(1, workers)
     t0 = time.perf_counter()
     bar = progress(total=sum(sizes.values()) or None, desc=f"embed {embedder.spec}", unit="img")
     done = 0
     for g in range(0, len(todo), group):
-        counts = embed_group(embedder, todo[g: g + group], out, args.batch_size, args.workers, bar)
+        counts = embed_group(embedder, todo[g: g + group], out, batch_size, workers, bar)
         done += sum(counts.values())
     bar.close()
     seconds = time.perf_counter() - t0
     barrier()
+    result = EmbedResult(out=out, spec=embedder.spec, dim=embedder.dim, shards=len(names), shards_done=len(todo),
+                         images_done=done, seconds=seconds)
     if info.is_main:
         counts = {}
         for n in names:
@@ -223,13 +279,25 @@ def main(argv: list[str] | None = None) -> int:
                 raise MLCDError(f"{os.path.join(out, n + '.npy')}: shard {n} was not embedded (a rank failed?)")
             counts[n] = store.npy_info(os.path.join(out, f"{n}.npy")).shape[0]
         store.write_meta(out, embedder.spec, embedder.dim, counts, complete=True, embedder_info=describe,
-                         shards=os.path.abspath(args.shards) if isinstance(args.shards, str) else None,
+                         shards=os.path.abspath(shards) if isinstance(shards, str) else None,
                          seconds_rank0=seconds, images_rank0=done, shards_done_this_run_rank0=len(todo),
                          world_size=info.world_size)
+        result.counts = counts
         print(f"mlcd embed: {sum(counts.values())} images in {len(names)} shards -> {out} "
               f"({embedder.spec}, dim {embedder.dim}; {len(todo)} shards embedded on rank 0, "
               f"{done / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
     barrier()
+    return result
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mlcd embed``'s command line: the flags of :func:`build_parser` -> :func:`embed`."""
+    a = build_parser().parse_args(argv)
+    embed(a.shards, a.out, a.model, pretrained=a.pretrained, dim=a.dim, image_size=a.image_size,
+          pca_fit_samples=a.pca_fit_samples, batch_size=a.batch_size, workers=a.workers, device=a.device,
+          autocast=not a.no_autocast, overwrite=a.overwrite)
     return 0
 
 

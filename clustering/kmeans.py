@@ -35,6 +35,9 @@ centre takes half of the currently largest cluster (its centre nudged apart, det
 for the seed), as faiss does.  The objective per iteration is the sum of each point's
 similarity to its centre before the update (faiss's ``obj``).
 Deterministic for a given seed and thread count (``--threads``).
+
+Python: :func:`cluster` (an array in memory -> :class:`ClusterResult`) and
+:func:`cluster_folder` (an EMB folder -> CL/, what the command runs).
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -311,92 +316,194 @@ def flat(x, init, niter, seed, backend, gpu):
     return faiss_kmeans(x, init, niter, seed, gpu)
 
 
-# ------------------------------------------------------------------------------------- main
+# -------------------------------------------------------------------------------- Python API
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mlcd_core.dist import barrier, init_distributed
+@dataclass
+class ClusterResult:
+    """What :func:`cluster` and :func:`cluster_folder` return.
 
-    if args.k < 1 or args.niter < 0:
-        raise MLCDError(f"--k must be >= 1 and --niter >= 0 (got k={args.k}, niter={args.niter})")
-    if args.threads > 0:
+    ``centroids`` float32 [k, d], L2-normalised; ``objective``, ``imbalance``, ``nsplit``: one
+    entry per Lloyd iteration (faiss's ``obj``: the sum of each point's similarity to its centre
+    before the update); ``info``: method-specific figures (two-level: coarse k, sizes, ...);
+    ``meta``: the dict written to ``CL/meta.json`` (folder runs only); ``path``: the
+    ``centroids.npy`` written (None over arrays, and on ranks other than 0)."""
+
+    centroids: np.ndarray
+    method: str
+    backend: str
+    n_train: int
+    n_total: int
+    iterations: int
+    objective: list = field(default_factory=list)
+    imbalance: list = field(default_factory=list)
+    nsplit: list = field(default_factory=list)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+    meta: Optional[dict] = None
+    path: Optional[str] = None
+
+
+def _resolve_method(method: str, k: int, world_size: int, two_level_above: int) -> str:
+    if method == "auto":
+        method = "distributed" if world_size > 1 else ("two-level" if k > two_level_above else "flat")
+    if world_size > 1 and method != "distributed":
+        raise MLCDError(f"--method {method} runs in one process; use --method distributed under torchrun")
+    return method
+
+
+def _check(k: int, niter: int) -> None:
+    if k < 1 or niter < 0:
+        raise MLCDError(f"--k must be >= 1 and --niter >= 0 (got k={k}, niter={niter})")
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
         import faiss
         import torch
 
-        faiss.omp_set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)
-    # CL/meta.json is replaced: never EMB's own meta.json
-    check_out_separate("--out", args.out, [("--emb", args.emb)])
-    info = init_distributed(device="cuda" if args.gpu else None)
-    out_c = os.path.join(args.out, "centroids.npy")
-    out_m = os.path.join(args.out, "meta.json")
-    emb = store.open_emb(args.emb, expect_embedder=args.embedder)
-    if os.path.exists(out_c) and os.path.exists(out_m) and not args.overwrite:
-        # finished before: nothing to do if it was this run, a clear error if another
-        old = load_json(out_m, expect=dict)
-        asked = {"k": args.k, "emb": store.resolve(args.emb), "embedder": emb.embedder, "seed": args.seed,
-                 "init": args.init, "niter": args.niter, "max_points_per_centroid": args.max_points_per_centroid,
-                 "embedder_info": emb.meta.get("embedder_info")}
-        if args.method != "auto":
-            asked["method"] = args.method
-        differ = store.run_difference(old, asked, only_recorded=True)
-        if differ:
-            raise MLCDError(f"{out_m}: {args.out} holds centres of another run ({differ}); "
-                            f"use --overwrite or another --out")
-        if info.is_main:
-            print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
-        return 0
-    n_total = emb.total
-    if args.k > n_total:
-        raise MLCDError(f"{os.path.join(args.emb, store.META)}: k={args.k} is larger than the number of "
-                        f"embeddings ({n_total})")
-    method = args.method
-    if method == "auto":
-        method = "distributed" if info.world_size > 1 else (
-            "two-level" if args.k > args.two_level_above else "flat")
-    if info.world_size > 1 and method != "distributed":
-        raise MLCDError(f"--method {method} runs in one process; use --method distributed under torchrun")
-    backend = "torch" if method == "distributed" else pick_backend(args.backend, args.gpu)
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
 
+
+def _fit(gather, n_total: int, k: int, *, niter: int, seed: int, init: str, init_sample: int,
+         max_points_per_centroid: int, method: str, backend: str, gpu: bool, rank: int = 0,
+         world_size: int = 1, device=None) -> ClusterResult:
+    """The k-means itself over rows fetched by ``gather(sorted row indices) -> float32 array``."""
     t0 = time.perf_counter()
-    rows = training_rows(n_total, args.k, args.max_points_per_centroid, args.seed)
+    rows = training_rows(n_total, k, max_points_per_centroid, seed)
     n_train = len(rows)
     extra = {}
     if method == "distributed":
-        mine = np.array_split(rows, info.world_size)[info.rank]
-        x_local = store.gather(emb, mine)
+        mine = np.array_split(rows, world_size)[rank]
+        x_local = gather(mine)
         # the initial centres come from rows every rank reads alike: identical everywhere
-        idx = init_rows(n_train, args.k, args.init, args.seed, args.init_sample)
-        init = centroids_from_rows(store.gather(emb, rows[idx]), args.k, args.init, args.seed)
-        cent, stats = torch_lloyd(x_local, init, args.niter, args.seed, device=info.device)
-        extra["world_size"] = info.world_size
+        idx = init_rows(n_train, k, init, seed, init_sample)
+        start = centroids_from_rows(gather(rows[idx]), k, init, seed)
+        cent, stats = torch_lloyd(x_local, start, niter, seed, device=device)
+        extra["world_size"] = world_size
     else:
-        x = store.gather(emb, rows)
+        x = gather(rows)
         if method == "two-level":
-            cent, stats, extra = two_level(x, args.k, args.niter, args.seed, args.init, args.init_sample,
-                                           backend, args.gpu)
+            cent, stats, extra = two_level(x, k, niter, seed, init, init_sample, backend, gpu)
         else:
-            init = initial_centroids(x, args.k, args.init, args.seed, args.init_sample)
-            cent, stats = flat(x, init, args.niter, args.seed, backend, args.gpu)
-    seconds = time.perf_counter() - t0
+            start = initial_centroids(x, k, init, seed, init_sample)
+            cent, stats = flat(x, start, niter, seed, backend, gpu)
+    return ClusterResult(centroids=store.normalise(cent.astype(np.float32)), method=method, backend=backend,
+                         n_train=n_train, n_total=n_total, iterations=len(stats),
+                         objective=[s["obj"] for s in stats], imbalance=[s["imbalance"] for s in stats],
+                         nsplit=[s["nsplit"] for s in stats], seconds=time.perf_counter() - t0, info=extra)
+
+
+def cluster(emb: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str = "random",
+            init_sample: int = 0, max_points_per_centroid: int = 256, method: str = "auto",
+            two_level_above: int = DEFAULT_TWO_LEVEL_ABOVE, backend: str = "auto", gpu: bool = False,
+            threads: int = 0) -> ClusterResult:
+    """Spherical k-means of the rows of ``emb`` (float [n, d]; normalised here) in this process.
+
+    The same algorithm as ``mlcd cluster`` (see the module docstring) over an array instead
+    of an EMB folder: at most ``k * max_points_per_centroid`` rows (0 = all) drawn with
+    ``seed``; ``init`` "random" or "kmeans++"; ``method`` "auto" | "flat" | "two-level"
+    (auto: two-level above ``two_level_above`` centres); ``backend`` "auto" | "faiss" | "torch".
+    Returns a :class:`ClusterResult` (``.centroids`` float32 [k, d], L2-normalised).
+
+        >>> import numpy as np, clustering.kmeans as km
+        >>> km.cluster(np.random.default_rng(0).normal(size=(500, 16)), 8, niter=5).centroids.shape
+        (8, 16)
+    """
+    _check(k, niter)
+    x = np.asarray(emb)
+    if x.ndim != 2 or not len(x):
+        raise MLCDError(f"cluster: emb should be a non-empty [n, d] array, found shape {x.shape}")
+    if k > len(x):
+        raise MLCDError(f"cluster: k={k} is larger than the number of embeddings ({len(x)})")
+    if method == "distributed":
+        raise MLCDError("cluster: --method distributed needs an EMB folder under torchrun (cluster_folder)")
+    method = _resolve_method(method, k, 1, two_level_above)
+    _set_threads(threads)
+    x = store.normalise(np.ascontiguousarray(x, dtype=np.float32))
+    return _fit(lambda rows: x[rows], len(x), k, niter=niter, seed=seed, init=init, init_sample=init_sample,
+                max_points_per_centroid=max_points_per_centroid, method=method,
+                backend=pick_backend(backend, gpu), gpu=gpu)
+
+
+def cluster_folder(emb: str, k: int, out: str, *, niter: int = 20, seed: int = 0, init: str = "random",
+                   init_sample: int = 0, max_points_per_centroid: int = 256, method: str = "auto",
+                   two_level_above: int = DEFAULT_TWO_LEVEL_ABOVE, backend: str = "auto", gpu: bool = False,
+                   threads: int = 0, embedder: Optional[str] = None,
+                   overwrite: bool = False) -> Optional[ClusterResult]:
+    """``mlcd cluster``: k-means of an EMB folder into ``out`` (``centroids.npy``, ``meta.json``).
+
+    Options as :func:`cluster` (the command's flags by the same names); ``embedder``: refuse
+    an EMB made by another embedder spec; ``overwrite``: redo when ``out`` holds centres.
+    Under torchrun (several ranks) ``method`` "auto" or "distributed" runs Lloyd's over all
+    ranks.  Returns the :class:`ClusterResult` (``meta`` is what meta.json holds), or None when
+    ``out`` already holds the centres of this very run (nothing done).  Bad input is an
+    :class:`~mlcd_core.errors.MLCDError` naming the file or option.
+    """
+    from mlcd_core.dist import barrier, init_distributed
+
+    _check(k, niter)
+    _set_threads(threads)
+    # CL/meta.json is replaced: never EMB's own meta.json
+    check_out_separate("--out", out, [("--emb", emb)])
+    info = init_distributed(device="cuda" if gpu else None)
+    out_c = os.path.join(out, "centroids.npy")
+    out_m = os.path.join(out, "meta.json")
+    folder = store.open_emb(emb, expect_embedder=embedder)
+    if os.path.exists(out_c) and os.path.exists(out_m) and not overwrite:
+        # finished before: nothing to do if it was this run, a clear error if another
+        old = load_json(out_m, expect=dict)
+        asked = {"k": k, "emb": store.resolve(emb), "embedder": folder.embedder, "seed": seed,
+                 "init": init, "niter": niter, "max_points_per_centroid": max_points_per_centroid,
+                 "embedder_info": folder.meta.get("embedder_info")}
+        if method != "auto":
+            asked["method"] = method
+        differ = store.run_difference(old, asked, only_recorded=True)
+        if differ:
+            raise MLCDError(f"{out_m}: {out} holds centres of another run ({differ}); "
+                            f"use --overwrite or another --out")
+        if info.is_main:
+            print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
+        return None
+    n_total = folder.total
+    if k > n_total:
+        raise MLCDError(f"{os.path.join(emb, store.META)}: k={k} is larger than the number of "
+                        f"embeddings ({n_total})")
+    method = _resolve_method(method, k, info.world_size, two_level_above)
+    backend = "torch" if method == "distributed" else pick_backend(backend, gpu)
+    res = _fit(lambda rows: store.gather(folder, rows), n_total, k, niter=niter, seed=seed, init=init,
+               init_sample=init_sample, max_points_per_centroid=max_points_per_centroid, method=method,
+               backend=backend, gpu=gpu, rank=info.rank, world_size=info.world_size, device=info.device)
     if info.is_main:
-        cent = store.normalise(cent.astype(np.float32))
-        meta = {"k": args.k, "d": emb.dim, "n_total": n_total, "n_train": n_train,
-                "subsampled": n_train < n_total, "max_points_per_centroid": args.max_points_per_centroid,
-                "method": method, "backend": backend, "seed": args.seed, "init": args.init,
-                "niter": args.niter, "iterations": len(stats), "objective": [s["obj"] for s in stats],
-                "imbalance": [s["imbalance"] for s in stats], "nsplit": [s["nsplit"] for s in stats],
-                "seconds": seconds, "threads": args.threads or None, "embedder": emb.embedder,
-                "embedder_info": emb.meta.get("embedder_info"), "emb": store.resolve(args.emb), **extra}
+        res.meta = {"k": k, "d": folder.dim, "n_total": n_total, "n_train": res.n_train,
+                    "subsampled": res.n_train < n_total, "max_points_per_centroid": max_points_per_centroid,
+                    "method": method, "backend": backend, "seed": seed, "init": init,
+                    "niter": niter, "iterations": res.iterations, "objective": res.objective,
+                    "imbalance": res.imbalance, "nsplit": res.nsplit,
+                    "seconds": res.seconds, "threads": threads or None, "embedder": folder.embedder,
+                    "embedder_info": folder.meta.get("embedder_info"), "emb": store.resolve(emb), **res.info}
         # meta.json goes first and comes back last: killed between the two writes, the folder
         # has no meta.json, so a rerun redoes it instead of pairing new centres with old meta
         with contextlib.suppress(FileNotFoundError):
             os.unlink(out_m)
-        atomic_save_npy(out_c, cent)
-        atomic_save_json(out_m, meta)
-        print(f"mlcd cluster: {args.k} centres from {n_train}/{n_total} points, {method}/{backend}, "
-              f"{len(stats)} iterations, {seconds:.1f}s -> {out_c}", file=sys.stderr)
+        atomic_save_npy(out_c, res.centroids)
+        atomic_save_json(out_m, res.meta)
+        res.path = out_c
+        print(f"mlcd cluster: {k} centres from {res.n_train}/{n_total} points, {method}/{backend}, "
+              f"{res.iterations} iterations, {res.seconds:.1f}s -> {out_c}", file=sys.stderr)
     barrier()
+    return res
+
+
+# ------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    """``mlcd cluster``'s command line: the flags of :func:`build_parser` -> :func:`cluster_folder`."""
+    a = build_parser().parse_args(argv)
+    cluster_folder(a.emb, a.k, a.out, niter=a.niter, seed=a.seed, init=a.init, init_sample=a.init_sample,
+                   max_points_per_centroid=a.max_points_per_centroid, method=a.method,
+                   two_level_above=a.two_level_above, backend=a.backend, gpu=a.gpu, threads=a.threads,
+                   embedder=a.embedder, overwrite=a.overwrite)
     return 0
 
 

@@ -32,6 +32,7 @@ import yaml
 
 from mlcd_train.utils.errors import MLCDError
 from mlcd_train.utils.io import atomic_write_text
+from mlcd_train.losses import LOSSES, loss_names
 
 def _configs_dir() -> Path:
     """The presets: ``configs/`` of the source tree (editable installs, a checkout), else the
@@ -169,7 +170,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
 
 
-LOSS_NAMES = ("mlcd", "unicom", "mlc")
+LOSS_NAMES = loss_names()  # the registry of mlcd_train/losses.py: one function + one registration a loss
 OPTIM_NAMES = ("adamw", "apex_adam", "apex_lamb")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -415,7 +416,7 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
     _need(t.global_batch_size % (world_size * t.accum_steps) == 0, "train.accum_steps",
           f"global batch {t.global_batch_size} is not divisible by world size {world_size} x accum_steps "
           f"{t.accum_steps}")
-    _need(lo.name in LOSS_NAMES, "loss.name", f"must be one of {', '.join(LOSS_NAMES)}, got {lo.name!r}")
+    _need(lo.name in LOSSES, "loss.name", f"must be one of {', '.join(loss_names())}, got {lo.name!r}")
     _need(0.0 < lo.sample_rate <= 1.0, "loss.sample_rate", f"must be in (0, 1], got {lo.sample_rate}")
     _need(lo.l >= 1, "loss.l", f"must be at least 1, got {lo.l}")
     _need(lo.margin_type in ("arc", "cos"), "loss.margin_type",
@@ -468,8 +469,8 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
           "empty path (leave it unset to start from a random initialisation)")
     _need(cfg.model.drop_path is None or 0.0 <= cfg.model.drop_path < 1.0, "model.drop_path",
           f"must be in [0, 1), got {cfg.model.drop_path}")
-    if lo.name == "unicom":
-        _need(lo.l == 1, "loss.l", f"the unicom loss uses one positive per image: set loss.l=1 (got {lo.l})")
+    if lo.name in LOSSES and LOSSES[lo.name].single_positive:
+        _need(lo.l == 1, "loss.l", f"the {lo.name} loss uses one positive per image: set loss.l=1 (got {lo.l})")
     if d.synthetic:
         _need(lo.num_classes is not None, "loss.num_classes", "required with data.synthetic=true")
     else:

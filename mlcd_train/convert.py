@@ -217,11 +217,13 @@ def _say(msg: str) -> None:
 
 
 def verify_against(model, hf_model, image_size: int, where: str, *, height: Optional[int] = None,
-                   width: Optional[int] = None, seed: int = 0) -> dict:
-    """Run our model and a transformers model on the same fixed random input and compare."""
-    g = torch.Generator().manual_seed(seed)
-    batch = 2 if sum(p.numel() for p in model.parameters()) < 100_000_000 else 1  # bigG on CPU: one image
-    pixels = torch.randn(batch, 3, height or image_size, width or image_size, generator=g)
+                   width: Optional[int] = None, seed: int = 0, pixels: Optional[torch.Tensor] = None) -> dict:
+    """Run our model and a transformers model on the same input and compare: ``pixels``
+    [B, 3, H, W] (e.g. real images, as ``mlcd demo`` does), else a fixed random batch."""
+    if pixels is None:
+        g = torch.Generator().manual_seed(seed)
+        batch = 2 if sum(p.numel() for p in model.parameters()) < 100_000_000 else 1  # bigG on CPU: one image
+        pixels = torch.randn(batch, 3, height or image_size, width or image_size, generator=g)
     with torch.no_grad():
         ours = model.float().eval().forward_hidden_states(pixels)
         ours_pooled = model._pool(ours[-1])

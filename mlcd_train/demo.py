@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from mlcd_train.pipeline import Pipeline, format_rows, plot_probe_bars, read_eval, read_metrics, validate
-from mlcd_train.utils.args import nonneg_int, positive_int
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.args import nonneg_int, positive_int
+from mlcd_core.errors import MLCDError
 
 __all__ = ["DEMO_DEFAULTS", "main", "read_metrics", "read_eval"]
 
@@ -69,7 +69,7 @@ def sample_subset(split: str, n: int, folder, write: bool = True) -> str:
     order); returns the images file.  Files already there are kept (``write=False``: only the path)."""
     from mlcd_train.data.sample import SAMPLE_DIR, sample_paths
     from mlcd_train.data.shards import idx_bytes, read_idx
-    from mlcd_train.utils.io import atomic_write_bytes
+    from mlcd_core.io import atomic_write_bytes
 
     d = Path(folder)
     stem = "train" if split == "train" else "t10k"
@@ -130,7 +130,7 @@ class Demo:
 
     def check_settings(self) -> None:
         """A rerun resumes only the same run: other settings in the same folder are refused."""
-        from mlcd_train.utils.io import atomic_save_json, load_json
+        from mlcd_core.io import atomic_save_json, load_json
 
         path = self.out / "demo_settings.json"
         if path.exists():
@@ -149,7 +149,7 @@ class Demo:
 
         from mlcd_train.export import save_native
         from mlcd_train.models import create_model_from_config
-        from mlcd_train.utils.io import load_json
+        from mlcd_core.io import load_json
 
         cfg = load_json(pipe.student(1).with_suffix(".json"))["model_config"]
         torch.manual_seed(self.args.seed)
@@ -180,8 +180,9 @@ class Demo:
     def convert(self, pipe: Pipeline, rnd: int) -> str:
         """Native -> Hugging Face (``mlcd convert`` checks it), then reloaded with transformers on test images."""
         pt, hf = pipe.student(rnd), self.p("hf")
-        pipe.call("convert", "mlcd_train.convert", ["--checkpoint_path", str(pt), "--pytorch_dump_folder_path",
-                                                   str(hf), "--overwrite"])
+        from mlcd_train.convert import convert_to_hf
+
+        pipe.call("convert", convert_to_hf, str(pt), str(hf), overwrite=True)
         report = check_hf_reload(str(pt), str(hf), str(pipe.shards_dir("test")))
         self.hf_report = report
         return (f"{report['hf_class']} reloaded, pooled max rel diff {report['pooled_max_rel_diff']:.1e} "
@@ -192,7 +193,7 @@ class Demo:
         import yaml
 
         from mlcd_train.models.registry import family_of
-        from mlcd_train.utils.io import atomic_save_json, atomic_write_text
+        from mlcd_core.io import atomic_save_json, atomic_write_text
 
         a = self.args
         family = family_of(a.model)  # an unknown preset is refused before anything is written
@@ -301,15 +302,16 @@ def plot_knn_curve(metrics_by_round: dict, png_path, refs: dict | None = None) -
 def check_hf_reload(native_pt: str, hf_dir: str, test_shards: str, n_images: int = 32) -> dict:
     """Reload ``hf_dir`` with transformers and compare it with the native export on real images.
 
-    Every hidden state's class token and the pooled output must agree (``mlcd convert``'s
-    tolerances); otherwise an MLCDError says where they diverge.
+    The comparison is ``mlcd convert``'s own (:func:`mlcd_train.convert.verify_against`, its
+    tolerances) on ``n_images`` test images instead of random pixels: every hidden state's class
+    token and the pooled output must agree; otherwise an MLCDError says where they diverge.
     """
     import torch
     import transformers
 
     from clustering.embedders import clip_transform
     from mlcd_train import convert
-    from mlcd_train.data.reader import ShardDataset
+    from mlcd_core.reader import ShardDataset
     from mlcd_train.export import load_model
 
     model = load_model(native_pt).float().eval()
@@ -328,15 +330,8 @@ def check_hf_reload(native_pt: str, hf_dir: str, test_shards: str, n_images: int
         images.append(s.image)
         if len(images) == n_images:
             break
-    pixels = torch.stack(images)
-    with torch.no_grad():
-        ours = model.forward_hidden_states(pixels)
-        ours_pooled = model._pool(ours[-1])
-        hf_states, hf_pooled = convert._hf_outputs(hf_model, pixels, model.proj is not None)
-    if model.proj is not None and model.config.pos_embed == "rope2d":
-        hf_pooled = hf_pooled @ model.proj
-    checks = convert.compare_outputs(ours, ours_pooled, hf_states, hf_pooled,
-                                     f"{hf_dir} reloaded with transformers vs {native_pt}")
+    checks = convert.verify_against(model, hf_model, int(model.config.image_size),
+                                    f"{hf_dir} reloaded with transformers vs {native_pt}", pixels=torch.stack(images))
     return {"hf_class": type(hf_model).__name__, "images": len(images), **checks}
 
 
@@ -397,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from mlcd_core.stage import run_main
+    from mlcd_train import demo as _stage  # the module under its own name, as `mlcd demo` runs it
 
-    sys.exit(run_stage("demo", sys.argv[1:]))
+    sys.exit(run_main("demo", _stage.main, sys.argv[1:]))

@@ -14,7 +14,8 @@ is the same file a DDP run of the same weights gives.  Writes, each atomically:
   native layout the public conversion script reads; CLIP-style towers use open_clip's names.
 - ``X.json``: ``{"model_config": {...}, "image_size": N, "source": ..., "step": n}``.
 
-Python: :func:`export_checkpoint`, :func:`load_native` (state dict + sidecar),
+Python: :func:`export` (what the command runs), :func:`export_checkpoint`, :func:`load_native`
+(state dict + sidecar),
 :func:`load_model` (our model from an export, the sidecar or the tensors telling its shape).
 """
 from __future__ import annotations
@@ -23,21 +24,22 @@ import argparse
 import contextlib
 import textwrap
 import os
-import re
 import sys
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import check_out_separate, load_json, safe_torch_load, tmp_path_for
+from mlcd_core.errors import MLCDError
+from mlcd_core.io import check_out_separate, load_json, safe_torch_load, tmp_path_for
+from mlcd_train.trainer.checkpoint import STEP_RE, latest_complete
 
 PREFIXES = ("module.", "_orig_mod.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STEP_RE = re.compile(r"^step_(\d+)$")
+_STEP_RE = STEP_RE  # the trainer's step-folder pattern (trainer/checkpoint.py)
 
 
 # --------------------------------------------------------------------------- reading
@@ -96,14 +98,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             raise MLCDError(f"{path}: complete checkpoint folder without model.pt")
         return _model_in(path)
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = []
-    for sub in folder.iterdir():
-        m = _STEP_RE.match(sub.name)
-        if m and sub.is_dir() and (sub / "meta.json").is_file():
-            steps.append((int(m.group(1)), sub))
-    if not steps:
+    step_dir = latest_complete(folder)  # the trainer's own listing: one pattern, one rule
+    if step_dir is None:
         raise MLCDError(f"{path}: no complete checkpoint (no {folder.name}/step_*/meta.json)")
-    step_dir = max(steps)[1]
     if _model_in(step_dir) is None:
         raise MLCDError(f"{step_dir}: complete checkpoint folder without model.pt")
     return _model_in(step_dir)
@@ -404,10 +401,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class ExportResult:
+    """What :func:`export` returns: the export ``pt`` (``X.pt``), its ``sidecar`` (``X.json``) and
+    the sidecar's content ``meta`` (model_config, image_size, source, step, pt_sha256)."""
+
+    pt: Path
+    sidecar: Path
+    meta: dict
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+           dtype: str | torch.dtype | None = None) -> ExportResult:
+    """``mlcd export``: the backbone of a training checkpoint (a ``model.pt``, a step folder, or a
+    run folder: its newest complete checkpoint) as the flat native state dict ``out`` (``X.pt``)
+    plus its sidecar ``X.json``; ``dtype`` ("float32", "bfloat16", "float16" or a torch dtype)
+    casts floating tensors.  One export at a time into ``out`` (a lock beside it).  Bad input is
+    an :class:`~mlcd_core.errors.MLCDError` naming the file."""
+    from mlcd_core.lock import output_lock
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MLCDError(f"--dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+        dtype = DTYPES[dtype]
+    check_out_separate("--out", out, [("--checkpoint", checkpoint)], out_is_file=True)
+    with output_lock(out, "export", beside=True):  # one export at a time into X.pt / X.json
+        meta = export_checkpoint(checkpoint, out, dtype)
+    return ExportResult(Path(out), sidecar_path(out), meta)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``mlcd export``'s command line: the flags of :func:`build_parser` -> :func:`export`."""
     args = build_parser().parse_args(argv)
-    check_out_separate("--out", args.out, [("--checkpoint", args.checkpoint)], out_is_file=True)
-    meta = export_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype] if args.dtype else None)
+    meta = export(args.checkpoint, args.out, dtype=args.dtype).meta
     cfg = meta["model_config"]
     print(f"exported {describe(cfg)} from {meta['source']} (step {meta['step']}) to {args.out} "
           f"and {sidecar_path(args.out)}")
@@ -415,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from mlcd_core.stage import run_main
+    from mlcd_train import export as _stage  # the module under its own name, as `mlcd export` runs it
 
-    sys.exit(run_stage("export", sys.argv[1:]))
+    sys.exit(run_main("export", _stage.main, sys.argv[1:]))

@@ -27,8 +27,8 @@ API (what the trainer uses)::
   for the others.  Repeated labels in a row count once.  Every rank returns the same loss,
   the mean over the global batch, computed in fp32 (fp64 when the inputs are fp64) whatever
   autocast says.
-* Losses, with cos_j = <e/|e|, w_j/|w_j|>, s = scale, P = positives of the sample (labels >= 0),
-  N' = sampled classes not in P:
+* Losses (the registry of mlcd_train/losses.py), with cos_j = <e/|e|, w_j/|w_j|>, s = scale,
+  P = positives of the sample (labels >= 0), N' = sampled classes not in P:
     mlcd:   log(1 + sum_P exp(-s phi(cos_i))) + log(1 + sum_N' exp(s cos_j))
     mlc:    log(1 + sum_N' exp(s cos_j) * sum_P exp(-s phi(cos_i)))   (paper Eq. 4; the margin
             is applied to the positives as in mlcd so the two differ only by the decoupling;
@@ -77,11 +77,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import atomic_torch_save, safe_torch_load
+from mlcd_core.errors import MLCDError
+from mlcd_core.io import atomic_torch_save, safe_torch_load
+from mlcd_train.losses import LOSSES, get_loss, loss_names
 
 FORMAT = "mlcd.partial_fc/1"
-LOSSES = ("mlcd", "mlc", "unicom")
 MARGINS = ("arc", "cos")
 _NORM_EPS = 1e-12
 
@@ -129,11 +129,6 @@ def _safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     ok = total > 0
     out = m.squeeze(dim) + torch.log(torch.where(ok, total, torch.ones_like(total)))
     return torch.where(ok, out, torch.full_like(out, -math.inf))
-
-
-def _softplus(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + exp(x)), exact (no threshold) and 0 with zero gradient at -inf."""
-    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 # --------------------------------------------------------------------------- the logits kernel
@@ -256,8 +251,8 @@ class PartialFC(nn.Module):
                  world_size: int | None = None, device=None, dtype=torch.float32,
                  init_std: float = 0.01, max_chunk_elems: int | None = None):
         super().__init__()
-        if loss not in LOSSES:
-            raise MLCDError(f"PartialFC loss: {loss!r} is not one of {LOSSES}")
+        if loss not in LOSSES:  # the registry of mlcd_train/losses.py
+            raise MLCDError(f"PartialFC loss: {loss!r} is not one of {loss_names()}")
         if margin_type not in MARGINS:
             raise MLCDError(f"PartialFC margin_type: {margin_type!r} is not one of {MARGINS}")
         if not (0.0 < sample_rate <= 1.0):
@@ -276,6 +271,7 @@ class PartialFC(nn.Module):
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.sample_rate, self.scale, self.margin = float(sample_rate), float(scale), float(margin)
         self.margin_type, self.loss_type = margin_type, loss
+        self.loss_fn = get_loss(loss)
         self.group, self.rank, self.world_size = group, int(rank), int(world_size)
         self.class_start, self.num_local = class_range(self.num_classes, self.world_size, self.rank)
         if max_chunk_elems is None:  # bounds [batch, chunk] and [chunk, d] temporaries: 8 MB CPU, 256 MB GPU
@@ -397,14 +393,14 @@ class PartialFC(nn.Module):
         if out:
             raise MLCDError("PartialFC labels: values outside [0, num_classes={}) (-1 = padding): {}".format(
                 self.num_classes, "; ".join(f"rank {r} has min {lo} max {hi}" for r, lo, hi in out)))
-        if self.loss_type == "unicom" and min(m[3] for m in metas) < 0:
-            # only the first column matters for unicom: check it exactly (rare path, one more reduce)
+        if self.loss_fn.single_positive and min(m[3] for m in metas) < 0:
+            # only the first column matters (unicom): check it exactly (rare path, one more reduce)
             first_bad = (labels[:, 0] < 0).any().to(torch.long).reshape(1)
             if self.world_size > 1:
                 dist.all_reduce(first_bad, group=self.group)
             if first_bad.item():
-                raise MLCDError("PartialFC labels: loss='unicom' needs a class in labels[:, 0] of every sample "
-                                "(found -1 padding)")
+                raise MLCDError(f"PartialFC labels: loss={self.loss_type!r} needs a class in labels[:, 0] of every "
+                                "sample (found -1 padding)")
         return labels
 
     def _sample(self, labels: torch.Tensor):
@@ -437,7 +433,7 @@ class PartialFC(nn.Module):
         labels = self._validate(dummy, local_labels)
         if self.world_size > 1:
             labels = _all_gather(labels, self.group, self.world_size)
-        if self.loss_type == "unicom":
+        if self.loss_fn.single_positive:
             labels = labels[:, :1]
         self._planned = None
         self._planned = (self._sample(labels)[0],)
@@ -475,7 +471,7 @@ class PartialFC(nn.Module):
             if self.world_size > 1:
                 emb = _AllGatherGrad.apply(emb, self.group, self.world_size, self.rank)
                 labels = _all_gather(labels, self.group, self.world_size)
-            if self.loss_type == "unicom":
+            if self.loss_fn.single_positive:
                 labels = labels[:, :1]
             elif labels.shape[1] > 1:  # a repeated label in a row counts once
                 srt = labels.sort(dim=1).values
@@ -491,19 +487,13 @@ class PartialFC(nn.Module):
             lse_neg, cos_pos = _SampledLogSumExp.apply(e_n, self.weight, index, pos_cols, self.scale, chunk)
             valid = pos_cols >= 0
             neg_inf = torch.full((), -math.inf, dtype=dtype, device=e_n.device)
-            if self.loss_type == "unicom":
+            if self.loss_fn.single_positive:
                 x_pos = torch.where(valid, self.scale * self._phi(cos_pos), neg_inf).squeeze(1)
             else:
                 x_pos = _safe_logsumexp(torch.where(valid, -self.scale * self._phi(cos_pos), neg_inf), dim=1)
             both = self._across_ranks_lse(torch.stack([x_pos, lse_neg], dim=1))
             pos, neg = both[:, 0], both[:, 1]
-            if self.loss_type == "mlcd":
-                per_sample = _softplus(pos) + _softplus(neg)
-            elif self.loss_type == "mlc":
-                per_sample = _softplus(pos + neg)
-            else:
-                per_sample = torch.logaddexp(pos, neg) - pos
-            return per_sample.mean()
+            return self.loss_fn.per_sample(pos, neg).mean()  # mlcd_train/losses.py
 
     def take_sampled(self) -> torch.Tensor | None | bool:
         """Rows sampled by the forwards since the last call (None = all rows, False = none)."""

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import importlib
 import json
 import os
 import socket
@@ -62,7 +61,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mlcd_train.utils.errors import MLCDError
+from clustering import assign as A
+from clustering import embed as E
+from clustering import kmeans as K
+from mlcd_core.errors import MLCDError
+from mlcd_train import export as X
+from mlcd_train.trainer.checkpoint import step_dir
 
 REQUIRED = object()
 
@@ -197,7 +201,7 @@ def load(path: str | os.PathLike, out: str | None = None) -> dict:
     """Read and validate ``pipeline.yaml``; ``out`` (the command line's --out) wins over the file's."""
     import yaml
 
-    from mlcd_train.utils.io import read_regular
+    from mlcd_core.io import read_regular
 
     try:
         data = yaml.safe_load(read_regular(path, 1 << 20, "pipeline config").decode("utf-8"))
@@ -243,7 +247,7 @@ def free_port() -> int:
 
 
 def _json(path: Path) -> Any:
-    from mlcd_train.utils.io import load_json
+    from mlcd_core.io import load_json
 
     return load_json(path)
 
@@ -280,12 +284,12 @@ class Pipeline:
     def teacher_spec(self, rnd: int) -> str:
         return self.cfg["teacher"]["model"] if rnd == 1 else f"mlcd:{self.student(rnd - 1)}"
 
-    def call(self, stage: str, module: str, argv: list[str]) -> None:
-        """``module.main(argv)`` in this process; a non-zero status is an error naming the stage."""
-        self.say(f"mlcd {stage} {' '.join(argv)}")
-        rc = importlib.import_module(module).main(argv)
-        if rc:
-            raise MLCDError(f"mlcd {stage} exited with status {rc}")
+    def call(self, stage: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """The stage's Python function ``fn(*args, **kwargs)`` in this process, announced as the
+        call it is; its MLCDError names the stage (via :meth:`stage`)."""
+        shown = [repr(str(a)) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+        self.say(f"mlcd {stage}: {fn.__module__}.{fn.__name__}({', '.join(shown)})")
+        return fn(*args, **kwargs)
 
     def stage(self, name: str, done: Callable[[], Path | None], fn: Callable[[], None],
               figure: Callable[[], str]) -> None:
@@ -316,7 +320,7 @@ class Pipeline:
 
     def check_identity(self) -> None:
         """A rerun resumes only the same run (``rounds`` may change); other settings are refused."""
-        from mlcd_train.utils.io import atomic_save_json
+        from mlcd_core.io import atomic_save_json
 
         path = self.out / "pipeline.json"
         if path.exists():
@@ -341,12 +345,13 @@ class Pipeline:
             d = self.shards_dir(split)
 
             def make(split=split, src=src, d=d):
-                argv = ["--input", src, "--out", str(d), "--shard-size", str(inp["shard_size"]),
-                        "--seed", str(self.cfg["seed"])]
+                from mlcd_train.data.shards import make_shards
+
+                kw = {"shard_size": inp["shard_size"], "seed": self.cfg["seed"]}
                 classes = self.shards_dir("train") / "classes.json"
                 if split != "train" and classes.is_file():  # the test split gets the training ids
-                    argv += ["--classes", str(classes)]
-                self.call("shards", "mlcd_train.data.shards", argv)
+                    kw["classes"] = str(classes)
+                self.call("shards", make_shards, src, str(d), **kw)
 
             self.stage(f"shards {split}", lambda d=d: _exists(d / "sizes.json"), make,
                        lambda d=d: f"{sum(_json(d / 'sizes.json').values())} images in {d}")
@@ -358,37 +363,34 @@ class Pipeline:
         spec = self.teacher_spec(rnd)
 
         def embed():
-            argv = ["--shards", str(self.shards_dir("train")), "--out", str(emb), "--model", spec,
-                    "--workers", str(cfg["workers"])]
+            kw = {"workers": cfg["workers"]}
             t = cfg["teacher"]
             if rnd == 1 and spec == "pca":
-                argv += ["--dim", str(t["dim"]), "--image-size", str(t["image_size"])]
+                kw.update(dim=t["dim"], image_size=t["image_size"])
             if rnd == 1 and t["pretrained"]:
-                argv += ["--pretrained", t["pretrained"]]
-            self.call("embed", "clustering.embed", argv)
+                kw["pretrained"] = t["pretrained"]
+            self.call("embed", E.embed, str(self.shards_dir("train")), str(emb), spec, **kw)
 
         self.stage(f"{tag} embed ({'teacher ' + spec if rnd == 1 else 'round ' + str(rnd - 1) + ' student'})",
                    lambda: _complete(emb / "meta.json"), embed,
                    lambda: "{total} x {dim} ({embedder})".format(**_json(emb / "meta.json")))
 
-        threads = ["--threads", str(cfg["threads"])] if cfg["threads"] else []
+        threads = {"threads": cfg["threads"]} if cfg["threads"] else {}
         self.stage(f"{tag} cluster", lambda: _exists(cl / "meta.json") and _exists(cl / "centroids.npy"),
-                   lambda: self.call("cluster", "clustering.kmeans",
-                                     ["--emb", str(emb), "--k", str(cfg["k"]), "--out", str(cl),
-                                      "--seed", str(cfg["seed"])] + threads),
+                   lambda: self.call("cluster", K.cluster_folder, str(emb), cfg["k"], str(cl), seed=cfg["seed"],
+                                     **threads),
                    lambda: "k = {k}, {iterations} iterations".format(**_json(cl / "meta.json")))
         self.stage(f"{tag} assign", lambda: _complete(lbl / "meta.json"),
-                   lambda: self.call("assign", "clustering.assign",
-                                     ["--emb", str(emb), "--centroids", str(cl / "centroids.npy"),
-                                      "--topk", str(cfg["l"]), "--out", str(lbl)] + threads),
+                   lambda: self.call("assign", A.assign, str(emb), str(cl / "centroids.npy"), str(lbl),
+                                     topk=cfg["l"], **threads),
                    lambda: _assign_figure(lbl, cfg["l"]))
-        final = tr / "checkpoints" / f"step_{self.steps:08d}"
+        final = step_dir(tr / "checkpoints", self.steps)
         self.stage(f"{tag} train ({cfg['nproc']} rank{'s' if cfg['nproc'] > 1 else ''})",
                    lambda: _exists(final / "meta.json"), lambda: self.train(rnd),
                    lambda: _train_figure(tr / "metrics.jsonl"))
         pt = self.student(rnd)
         self.stage(f"{tag} export", lambda: _exported(pt, self.steps),
-                   lambda: self.call("export", "mlcd_train.export", ["--checkpoint", str(final), "--out", str(pt)]),
+                   lambda: self.call("export", X.export, str(final), str(pt)),
                    lambda: f"step {_json(pt.with_suffix('.json'))['step']} -> {pt}")
         if cfg["probe"]["enabled"]:
             js = self.rdir(rnd, "probe", "student.json")
@@ -431,18 +433,19 @@ class Pipeline:
             tail = log_path.read_text(errors="replace").splitlines()[-15:]
             raise MLCDError(f"torchrun exited with status {rc}; see {log_path}:\n" + "\n".join(tail))
 
-    def probe(self, spec: str, folder: Path, js: Path, fresh: bool, extra: tuple = ()) -> None:
+    def probe(self, spec: str, folder: Path, js: Path, fresh: bool, **extra) -> None:
+        from mlcd_train.probe import probe
+
         p = self.cfg["probe"]
-        argv = ["--embedder", spec, "--train", str(self.shards_dir("train")), "--test", str(self.shards_dir("test")),
-                "--out", str(folder), "--json", str(js), "--workers", str(self.cfg["workers"]),
-                "--seed", str(self.cfg["seed"])] + list(extra)
+        kw = {"json": str(js), "workers": self.cfg["workers"], "seed": self.cfg["seed"], **extra}
         if fresh:
-            argv.append("--overwrite-features")
+            kw["overwrite_features"] = True
         if p["l2_grid"]:
-            argv += ["--l2-grid", p["l2_grid"]]
+            kw["l2_grid"] = p["l2_grid"]
         if p["max_iter"]:
-            argv += ["--max-iter", str(p["max_iter"])]
-        self.call("probe", "mlcd_train.probe", argv)
+            kw["max_iter"] = p["max_iter"]
+        self.call("probe", probe, spec, str(self.shards_dir("train")), str(self.shards_dir("test")), str(folder),
+                  **kw)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict:
@@ -453,7 +456,7 @@ class Pipeline:
             self.run_round(rnd)
         summary = {"seconds": round(time.perf_counter() - t0, 1), "stages": self.rows, "probe": self.probes,
                    "rounds": self.cfg["rounds"], "config": self.cfg}
-        from mlcd_train.utils.io import atomic_save_json
+        from mlcd_core.io import atomic_save_json
 
         atomic_save_json(self.out / "summary.json", summary)
         if self.probes:
@@ -564,7 +567,7 @@ def read_eval(path) -> list[dict]:
 def _save_fig(fig, png_path) -> str:
     import matplotlib.pyplot as plt
 
-    from mlcd_train.utils.io import atomic_open
+    from mlcd_core.io import atomic_open
 
     fig.tight_layout()
     with atomic_open(png_path, "wb") as f:
@@ -617,11 +620,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_pipeline(config: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 quiet_train: bool = False) -> tuple[Pipeline, dict]:
+    """``mlcd pipeline``: every stage of the YAML ``config`` (see the module docstring) into its
+    ``out`` (or ``out`` given here), round after round; a rerun resumes.  Returns the
+    :class:`Pipeline` (its ``rows``, ``probes``, ``out``) and the summary written to
+    ``OUT/summary.json``.  Bad input is an :class:`~mlcd_core.errors.MLCDError`."""
+    pipe = Pipeline(load(config, None if out is None else str(out)), quiet_train=quiet_train)
+    return pipe, pipe.run()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``mlcd pipeline``'s command line: the flags of :func:`build_parser` -> :func:`run_pipeline`."""
     args = build_parser().parse_args(argv)
-    cfg = load(args.config, args.out)
-    pipe = Pipeline(cfg, quiet_train=args.quiet_train)
-    summary = pipe.run()
+    pipe, summary = run_pipeline(args.config, args.out, quiet_train=args.quiet_train)
     print(format_rows(pipe.rows, summary["seconds"]))
     print(f"\nartefacts in {pipe.out}: summary {pipe.out / 'summary.json'}"
           + (f", probes {pipe.out / 'probe_rounds.png'}" if pipe.probes else ""))
@@ -629,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from mlcd_core.stage import run_main
+    from mlcd_train import pipeline as _stage  # the module under its own name, as `mlcd pipeline` runs it
 
-    sys.exit(run_stage("pipeline", sys.argv[1:]))
+    sys.exit(run_main("pipeline", _stage.main, sys.argv[1:]))

@@ -17,7 +17,8 @@ with any embedder of the clustering registry (``pca``, ``open_clip:NAME``, ``hf:
 ``embedder.json``), prints top-1 accuracies and writes ``OUT/probe.json``.  When both shard
 folders hold a ``classes.json``, test class ids are mapped to the training split's by name.
 
-The core functions (:func:`linear_probe`, :func:`knn_classify`) work on in-memory arrays.
+Python: :func:`probe` (what the command runs) -> :class:`ProbeResult`; the core functions
+(:func:`linear_probe`, :func:`knn_classify`) work on in-memory arrays.
 """
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from mlcd_train.utils.args import fraction_open, nonneg_int, positive_float, positive_int
-from mlcd_train.utils.errors import MLCDError
+from mlcd_core.args import fraction_open, nonneg_int, positive_float, positive_int
+from mlcd_core.errors import MLCDError
 
 DEFAULT_L2_GRID = tuple(float(x) for x in np.logspace(-6, 1, 8))
+DEFAULT_L2_TEXT = ",".join(f"{v:g}" for v in DEFAULT_L2_GRID)  # --l2-grid's default, as the command sweeps it
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -183,19 +187,10 @@ def _canonical_spec(spec: str) -> str:
 def _embed_split(spec: str, shards: str, emb_dir: str, args) -> None:
     from clustering import embed
 
-    argv = ["--shards", shards, "--out", emb_dir, "--model", spec, "--batch-size", str(args.batch_size),
-            "--workers", str(args.workers)]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.pretrained:
-        argv += ["--pretrained", args.pretrained]
-    if spec == "pca":
-        argv += ["--dim", str(args.pca_dim), "--image-size", str(args.pca_image_size)]
-    if args.overwrite_features:
-        argv += ["--overwrite"]
-    rc = embed.main(argv)
-    if rc:
-        raise MLCDError(f"{shards}: mlcd embed failed with status {rc}")
+    pca = spec == "pca"
+    embed.embed(shards, emb_dir, spec, pretrained=args.pretrained or None, batch_size=args.batch_size,
+                workers=args.workers, device=args.device or None, overwrite=bool(args.overwrite_features),
+                **({"dim": args.pca_dim, "image_size": args.pca_image_size} if pca else {}))
 
 
 def _load_emb(emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +216,7 @@ def _load_emb(emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _shards_key(shards: str) -> dict:
     """What the cached features of a split depend on: its shard files (resolved paths, sizes, mtimes)."""
-    from mlcd_train.data.reader import list_shards
+    from mlcd_core.reader import list_shards
 
     files = []
     for path in list_shards(shards):
@@ -241,7 +236,7 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
     another key is cleared, so features are reused only for the very shards they were made of."""
     import shutil
 
-    from mlcd_train.utils.io import atomic_save_json, atomic_save_npy, json_field, load_json
+    from mlcd_core.io import atomic_save_json, atomic_save_npy, json_field, load_json
 
     spec = _canonical_spec(spec)
     fdir = os.path.join(out, "features", embedder_slug(spec))
@@ -286,7 +281,7 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
 
 def _load_cached(xp: str, yp: str) -> tuple[np.ndarray, np.ndarray]:
     """Cached features [n, d] float and classes [n] (non-negative ints), never unpickled."""
-    from mlcd_train.utils.io import safe_np_load
+    from mlcd_core.io import safe_np_load
 
     x, y = safe_np_load(xp, "features"), safe_np_load(yp, "classes")
     if x.ndim != 2 or x.dtype.kind != "f":
@@ -299,8 +294,8 @@ def _load_cached(xp: str, yp: str) -> tuple[np.ndarray, np.ndarray]:
 def check_probe_folders(args) -> None:
     """The probe writes OUT/probe-*.json (or --json) and clears and refills OUT/features/...:
     neither may be a folder it reads (the shard folders, the embedder's weights)."""
-    from mlcd_train.data.reader import list_shards
-    from mlcd_train.utils.io import check_out_separate
+    from mlcd_core.reader import list_shards
+    from mlcd_core.io import check_out_separate
 
     inputs = []
     for option, src in (("--train", args.train), ("--test", args.test)):
@@ -360,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-k", type=positive_int, default=20, help="neighbours that vote (default 20)")
     p.add_argument("--temperature", type=positive_float, default=0.07,
                    help="k-NN vote weight exp(sim/T) (default 0.07)")
-    p.add_argument("--l2-grid", default=",".join(f"{v:g}" for v in DEFAULT_L2_GRID),
+    p.add_argument("--l2-grid", default=DEFAULT_L2_TEXT,
                    help="comma-separated L2 strengths swept on the held-out part (default 1e-6..10, log-spaced)")
     p.add_argument("--val-fraction", type=fraction_open, default=0.2,
                    help="fraction of the training split held out to choose the L2 strength (default 0.2)")
@@ -408,14 +403,63 @@ def run_probe(args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mlcd_train.utils.io import atomic_save_json
+@dataclass
+class ProbeResult:
+    """What :func:`probe` returns: ``record`` is the dict written to ``path`` (probe.json:
+    embedder, features folder, dim, n_train, n_test, num_classes, ``linear`` and ``knn`` with
+    their ``top1``)."""
 
-    torch.manual_seed(args.seed)
+    record: dict
+    path: str
+
+    @property
+    def linear_top1(self) -> Optional[float]:
+        return self.record["linear"]["top1"] if "linear" in self.record else None
+
+    @property
+    def knn_top1(self) -> Optional[float]:
+        return self.record["knn"]["top1"] if "knn" in self.record else None
+
+
+def probe(embedder: str, train: str, test: str, out: str, *, json: Optional[str] = None,
+          pretrained: Optional[str] = None, pca_dim: int = 64, pca_image_size: int = 32, knn_k: int = 20,
+          temperature: float = 0.07, l2_grid: Union[str, Sequence[float]] = DEFAULT_L2_TEXT,
+          val_fraction: float = 0.2, max_iter: int = 500, seed: int = 0, linear: bool = True, knn: bool = True,
+          batch_size: int = 256, workers: int = 2, device: Optional[str] = None,
+          overwrite_features: bool = False) -> ProbeResult:
+    """``mlcd probe``: linear probe and k-NN of the frozen features of ``embedder`` (any spec of
+    the clustering registry) on the labelled shards ``train`` and ``test``.
+
+    Features are cached under ``out/features/<embedder-slug>/``; the result is written to
+    ``json`` (default ``out/probe-<embedder-slug>.json``) and returned as a
+    :class:`ProbeResult`.  Keywords are the command's flags (``linear=False`` is
+    ``--no-linear``, ``knn=False`` is ``--no-knn``; ``l2_grid`` a sequence or the flag's
+    comma-separated text).  Bad input is an :class:`~mlcd_core.errors.MLCDError`.
+    """
+    from mlcd_core.io import atomic_save_json
+
+    grid = l2_grid if isinstance(l2_grid, str) else ",".join(f"{float(v):.17g}" for v in l2_grid)
+    args = argparse.Namespace(embedder=embedder, train=train, test=test, out=out, json=json, pretrained=pretrained,
+                              pca_dim=pca_dim, pca_image_size=pca_image_size, knn_k=knn_k, temperature=temperature,
+                              l2_grid=grid, val_fraction=val_fraction, max_iter=max_iter, seed=seed,
+                              no_linear=not linear, no_knn=not knn, batch_size=batch_size, workers=workers,
+                              device=device, overwrite_features=overwrite_features)
+    torch.manual_seed(seed)
     result = run_probe(args)
-    path = args.json or os.path.join(args.out, f"probe-{os.path.basename(result['features'])}.json")
+    path = json or os.path.join(out, f"probe-{os.path.basename(result['features'])}.json")
     atomic_save_json(path, result)
+    return ProbeResult(result, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mlcd probe``'s command line: the flags of :func:`build_parser` -> :func:`probe`."""
+    a = build_parser().parse_args(argv)
+    res = probe(a.embedder, a.train, a.test, a.out, json=a.json, pretrained=a.pretrained, pca_dim=a.pca_dim,
+                pca_image_size=a.pca_image_size, knn_k=a.knn_k, temperature=a.temperature, l2_grid=a.l2_grid,
+                val_fraction=a.val_fraction, max_iter=a.max_iter, seed=a.seed, linear=not a.no_linear,
+                knn=not a.no_knn, batch_size=a.batch_size, workers=a.workers, device=a.device,
+                overwrite_features=a.overwrite_features)
+    result, path = res.record, res.path
     parts = []
     if "linear" in result:
         parts.append(f"linear top-1 {100 * result['linear']['top1']:.2f}% (l2 {result['linear']['l2']:g})")
@@ -427,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from mlcd_core.stage import run_main
+    from mlcd_train import probe as _stage  # the module under its own name, as `mlcd probe` runs it
 
-    sys.exit(run_stage("probe", sys.argv[1:]))
+    sys.exit(run_main("probe", _stage.main, sys.argv[1:]))

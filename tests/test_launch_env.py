@@ -317,7 +317,7 @@ def test_repro_prepare_resumes_unfinished_assign(tmp_path, monkeypatch, assign_c
     (work / "labels_k10").mkdir()
     (work / "labels_k10" / "meta.json").write_text(json.dumps({"k": 10, "complete": assign_complete}))
     called = []
-    monkeypatch.setattr(R, "call", lambda module, argv: called.append(module))
+    monkeypatch.setattr(R, "call", lambda fn, *args, **kwargs: called.append(fn.__module__))  # the stage function
     a = Namespace(work=str(work), idx_dir=None, k_list=[10], l_list=[8], k_main=10, k_rate=10, seed=0)
     R.Repro(a).prepare()
     assert "clustering.embed" not in called and "mlcd_train.data.shards" not in called

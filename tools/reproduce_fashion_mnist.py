@@ -44,8 +44,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mlcd_train.utils.errors import MLCDError  # noqa: E402
-from mlcd_train.utils.io import atomic_save_json, atomic_write_text  # noqa: E402
+from clustering.assign import assign  # noqa: E402
+from clustering.embed import embed  # noqa: E402
+from clustering.kmeans import cluster_folder  # noqa: E402
+from mlcd_core.errors import MLCDError  # noqa: E402
+from mlcd_core.io import atomic_save_json, atomic_write_text  # noqa: E402
+from mlcd_train.data.shards import make_shards  # noqa: E402
+from mlcd_train.export import export as export_fn  # noqa: E402
+from mlcd_train.probe import probe  # noqa: E402
+from mlcd_train.trainer.checkpoint import step_dir  # noqa: E402
 
 # The earlier CPU student (row vit_mlcd): ViT-Tiny-4-28 with 7 px patches (17 tokens), width 64, 3 layers.
 VIT_MODEL = "ViT-Tiny-4-28"
@@ -60,13 +67,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def call(module: str, argv: list[str]) -> None:
-    import importlib
+def shown(fn, *args, **kwargs) -> str:
+    """``module.fn(args, k=v)``: a stage call as the log and results.json record it."""
+    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{fn.__module__}.{fn.__name__}({', '.join(parts)})"
 
-    log(f"python -m {module} {' '.join(argv)}")
-    rc = importlib.import_module(module).main(argv)
-    if rc:
-        raise MLCDError(f"python -m {module} {' '.join(argv)} exited with status {rc}")
+
+def call(fn, *args, **kwargs):
+    """A stage's Python function, logged; its MLCDError stops the reproduction with one line."""
+    log(shown(fn, *args, **kwargs))
+    return fn(*args, **kwargs)
 
 
 def _complete(folder: str) -> bool:
@@ -79,6 +89,7 @@ def _complete(folder: str) -> bool:
 
 
 _GLOBAL_RNG = threading.Lock()
+_IN_PROCESS = threading.Lock()
 
 
 class Repro:
@@ -106,22 +117,19 @@ class Repro:
                 if a.idx_dir:
                     stem = "train" if split == "train" else "t10k"
                     src = os.path.join(a.idx_dir, f"{stem}-images-idx3-ubyte.gz")
-                call("mlcd_train.data.shards", ["--input", src, "--out", out, "--shard-size", "10000"])
+                call(make_shards, src, out, shard_size=10000)
         if not _complete(self.p("emb")):
-            call("clustering.embed", ["--shards", self.p("shards", "train"), "--out", self.p("emb"), "--model", "pca",
-                                      "--dim", "64", "--image-size", "28", "--pca-fit-samples", "20000",
-                                      "--workers", "0", "--batch-size", "1024"])
+            call(embed, self.p("shards", "train"), self.p("emb"), "pca", dim=64, image_size=28, pca_fit_samples=20000,
+                 workers=0, batch_size=1024)
         topk = max(a.l_list + [8])
         for k in self.needed_ks():
             self.cluster_and_assign(self.p("emb"), k, self.p(f"clusters_k{k}"), self.p(f"labels_k{k}"), topk)
 
     def cluster_and_assign(self, emb: str, k: int, cl: str, lbl: str, topk: int) -> None:
-        call("clustering.kmeans", ["--emb", emb, "--k", str(k), "--out", cl, "--seed", str(self.a.seed),
-                                   "--niter", "20", "--max-points-per-centroid", "0"])
+        call(cluster_folder, emb, k, cl, seed=self.a.seed, niter=20, max_points_per_centroid=0)
         # assign writes meta.json first (complete=false) and resumes by itself
         if not _complete(lbl):
-            call("clustering.assign", ["--emb", emb, "--centroids", os.path.join(cl, "centroids.npy"),
-                                       "--topk", str(min(topk, k)), "--out", lbl])
+            call(assign, emb, os.path.join(cl, "centroids.npy"), lbl, topk=min(topk, k))
 
     # ------------------------------------------------------------------ rows
     def rows(self) -> list[dict]:
@@ -172,12 +180,11 @@ class Repro:
         d = self.rdir(row, seed)
         export = os.path.join(self.rdir({"row": row["after"]}, seed), "student.pt")
         emb = os.path.join(d, "emb")
-        argv = ["--shards", self.p("shards", "train"), "--out", emb, "--model", "mlcd:" + export,
-                "--workers", "0", "--batch-size", "512"]
+        args, kw = (self.p("shards", "train"), emb, "mlcd:" + export), {"workers": 0, "batch_size": 512}
         if not _complete(emb):
-            call("clustering.embed", argv)
+            call(embed, *args, **kw)
         self.cluster_and_assign(emb, row["k"], os.path.join(d, "clusters"), os.path.join(d, "labels"), 8)
-        return [shlex.join(["mlcd", "embed"] + argv)]
+        return [shown(embed, *args, **kw)]
 
     def train_cmd(self, row: dict, seed: int) -> list[str]:
         a = self.a
@@ -195,20 +202,37 @@ class Repro:
             launch = [sys.executable]
         return launch + ["-m", "mlcd_train.train", "--config", "fashion_mnist_full"] + overrides
 
-    def probe_argv(self, spec: str, out: str) -> list[str]:
+    def probe_kwargs(self, out: str) -> dict:
         a = self.a
         train = self.p("shards", "train")
         if a.probe_train_shards:
-            from mlcd_train.data.reader import list_shards
+            from mlcd_core.reader import list_shards
 
             train_list = list_shards(train)
             if a.probe_train_shards < len(train_list):
                 if a.probe_train_shards != 1:
                     raise MLCDError("--probe-train-shards: use 1 (the first 10k images) or all shards")
                 train = train_list[0]
-        return ["--embedder", spec, "--train", train, "--test", self.p("shards", "test"), "--out", out,
-                "--json", os.path.join(out, "probe.json"), "--workers", "0", "--batch-size", "1024",
-                "--seed", "0"] + (["--device", a.device] if a.device != "auto" else [])
+        return {"train": train, "test": self.p("shards", "test"), "out": out, "json": os.path.join(out, "probe.json"),
+                "workers": 0, "batch_size": 1024, "seed": 0, "device": a.device if a.device != "auto" else None}
+
+    def in_process(self, threads: int, fn, *args, **kwargs):
+        """A stage function of one (row, seed) run in this process: one at a time (they set torch's
+        global seed and thread count, which the --jobs threads share), quiet, ``threads`` threads."""
+        import torch
+
+        with _IN_PROCESS:
+            before, quiet = torch.get_num_threads(), os.environ.get("MLCD_QUIET")
+            torch.set_num_threads(threads)
+            os.environ["MLCD_QUIET"] = "1"
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_num_threads(before)
+                if quiet is None:
+                    os.environ.pop("MLCD_QUIET", None)
+                else:
+                    os.environ["MLCD_QUIET"] = quiet
 
     def budget(self, row: dict) -> dict:
         a = self.a
@@ -225,8 +249,9 @@ class Repro:
             raise MLCDError(f"{shlex.join(argv[:4])} ... failed (status {rc}); see {log_path}")
 
     def run_one(self, row: dict, seed: int, threads: int) -> dict:
-        """One (row, seed): train (a subprocess), export and probe (subprocesses too, so that
-        --jobs runs overlap); returns its result, cached in result.json."""
+        """One (row, seed): train (a subprocess: --jobs trainings overlap, each with its own torch
+        generator and threads, and torchrun when --nproc > 1), then export and probe (their Python
+        functions, in this process); returns its result, cached in result.json."""
         a = self.a
         d = self.rdir(row, seed)
         res_path = os.path.join(d, "result.json")
@@ -239,7 +264,6 @@ class Repro:
         os.makedirs(d, exist_ok=True)
         t0 = time.perf_counter()
         commands, train_s = [], None
-        py = [sys.executable, "-m"]
         if row["kind"] == "teacher":
             spec = "pca:" + self.p("emb", "pca.npz")
         elif row["kind"] == "random":
@@ -260,24 +284,22 @@ class Repro:
                 commands += self.prepare_round2(row, seed)
             cmd = self.train_cmd(row, seed)
             commands.append(shlex.join(cmd))
-            done = Path(d, "train", "checkpoints", f"step_{row['steps']:08d}", "meta.json")
+            done = step_dir(Path(d, "train", "checkpoints"), row["steps"]) / "meta.json"
             if not done.exists():
                 log(f"{row['row']} seed {seed}: {shlex.join(cmd)}")
                 t1 = time.perf_counter()
                 self._sub(cmd, os.path.join(d, "train.log"), threads)
                 train_s = time.perf_counter() - t1
             export = os.path.join(d, "student.pt")
-            final = Path(d, "train", "checkpoints", f"step_{row['steps']:08d}")
+            final = step_dir(Path(d, "train", "checkpoints"), row["steps"])
             if not (final / "meta.json").is_file():  # a trainer stopped early by a signal exits 0 too
                 raise MLCDError(f"{row['row']} seed {seed}: training ended before step {row['steps']}; rerun to resume")
-            exp_argv = ["--checkpoint", str(final), "--out", export]
-            self._sub(py + ["mlcd_train.export"] + exp_argv, os.path.join(d, "export.log"), threads)
-            commands.append(shlex.join(["mlcd", "export"] + exp_argv))
+            self.in_process(threads, export_fn, str(final), export)
+            commands.append(shown(export_fn, str(final), export))
             spec = "mlcd:" + export
-        pargv = self.probe_argv(spec, os.path.join(d, "probe"))
-        self._sub(py + ["mlcd_train.probe"] + pargv, os.path.join(d, "probe.log"), threads)
-        commands.append(shlex.join(["mlcd", "probe"] + pargv))
-        pr = json.load(open(os.path.join(d, "probe", "probe.json")))
+        pkw = self.probe_kwargs(os.path.join(d, "probe"))
+        pr = self.in_process(threads, probe, spec, **pkw).record
+        commands.append(shown(probe, spec, **pkw))
         res = {**row, "linear_top1": pr["linear"]["top1"], "knn_top1": pr["knn"]["top1"], "l2": pr["linear"]["l2"],
                "n_probe_train": pr["n_train"], "n_probe_test": pr["n_test"], "seed": seed,
                "batch_size": a.batch_size if row["kind"] == "train" else None,
@@ -326,7 +348,7 @@ class Repro:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from mlcd_train.utils.io import atomic_open
+        from mlcd_core.io import atomic_open
 
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(agg)), 4))
         names = [r["row"] for r in agg]

@@ -59,11 +59,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.args import nonneg_int, positive_int
-from mlcd_train.utils.io import (UnsafeFile, atomic_open, atomic_save_json, check_name, check_out_separate, inside,
+from mlcd_core.errors import MLCDError
+from mlcd_core.args import nonneg_int, positive_int
+from mlcd_core.io import (UnsafeFile, atomic_open, atomic_save_json, check_name, check_out_separate, inside,
                                  json_field, load_json, open_regular, read_regular, remove_stale_tmp)
-from mlcd_train.utils.progress import progress
+from mlcd_core.progress import progress
 
 #: file extensions treated as images when reading a folder or a list file
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"}
@@ -708,24 +708,61 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.shard_size < 1:
-        raise MLCDError(f"--shard-size must be >= 1, got {args.shard_size}")
-    if args.max_bytes < 1:
-        raise MLCDError(f"--max-bytes must be >= 1, got {args.max_bytes}")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", args.prefix):
-        raise MLCDError(f"--prefix {args.prefix!r}: use letters, digits, '-' and '_' only")
+@dataclass
+class ShardsResult:
+    """What :func:`make_shards` returns: the shard folder ``out``, ``shards`` written,
+    ``samples`` in them, and the ``skipped`` inputs ({path, reason}, as skipped.json lists them)."""
+
+    out: str
+    shards: int
+    samples: int
+    skipped: list
+
+
+def make_shards(input: str, out: str, *, format: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
+                max_bytes: int = DEFAULT_MAX_BYTES, prefix: str = "shard", order: str = "shuffled", seed: int = 0,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, overwrite: bool = False,
+                classes: Optional[str] = None, list_root: Optional[str] = None) -> ShardsResult:
+    """``mlcd shards``: an image folder, IDX images file, list file or ``sample[:test]`` /
+    ``fashion-mnist[:test]`` (``input``) -> WebDataset tar shards in ``out`` (``PREFIX-000000.tar``
+    ..., ``sizes.json`` written last, ``skipped.json``, ``classes.json`` when names are known).
+
+    Keywords are the command's flags (see the module docstring): ``order`` "shuffled" (seeded)
+    or "sorted"; ``classes`` a classes.json to number classes by (the training split's);
+    ``overwrite`` replaces shards already in ``out``; an interrupted run resumes.  Bad input is an
+    :class:`~mlcd_core.errors.MLCDError` naming the file or option.
+    """
+    if shard_size < 1:
+        raise MLCDError(f"--shard-size must be >= 1, got {shard_size}")
+    if max_bytes < 1:
+        raise MLCDError(f"--max-bytes must be >= 1, got {max_bytes}")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", prefix):
+        raise MLCDError(f"--prefix {prefix!r}: use letters, digits, '-' and '_' only")
+    if format not in ("auto", "folder", "idx", "list") or order not in ("shuffled", "sorted"):
+        raise MLCDError(f"format {format!r} / order {order!r}: use auto|folder|idx|list and shuffled|sorted")
+    args = argparse.Namespace(input=input, out=out, format=format, shard_size=shard_size, max_bytes=max_bytes,
+                              prefix=prefix, order=order, seed=seed, max_image_pixels=max_image_pixels,
+                              overwrite=overwrite, classes=classes, list_root=list_root)
     summary = write_shards(args)
-    print(f"mlcd shards: wrote {summary['samples']} samples in {summary['shards']} shards to {summary['out']}")
-    if summary["skipped"]:
-        print(f"mlcd shards: skipped {len(summary['skipped'])} inputs (listed in {summary['out']}/skipped.json):")
-        for s in summary["skipped"]:
+    return ShardsResult(summary["out"], summary["shards"], summary["samples"], summary["skipped"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mlcd shards``' command line: the flags of :func:`build_parser` -> :func:`make_shards`."""
+    a = build_parser().parse_args(argv)
+    summary = make_shards(a.input, a.out, format=a.format, shard_size=a.shard_size, max_bytes=a.max_bytes,
+                          prefix=a.prefix, order=a.order, seed=a.seed, max_image_pixels=a.max_image_pixels,
+                          overwrite=a.overwrite, classes=a.classes, list_root=a.list_root)
+    print(f"mlcd shards: wrote {summary.samples} samples in {summary.shards} shards to {summary.out}")
+    if summary.skipped:
+        print(f"mlcd shards: skipped {len(summary.skipped)} inputs (listed in {summary.out}/skipped.json):")
+        for s in summary.skipped:
             print(f"  {s['path']}: {s['reason']}")
     return 0
 
 
 if __name__ == "__main__":
-    from mlcd_train.cli import run_stage
+    from mlcd_core.stage import run_main
+    from mlcd_train.data import shards as _stage  # the module under its own name, as `mlcd shards` runs it
 
-    sys.exit(run_stage("shards", sys.argv[1:]))
+    sys.exit(run_main("shards", _stage.main, sys.argv[1:]))

@@ -32,7 +32,7 @@ from mlcd_train.utils.errors import MLCDError
 from mlcd_train.utils.io import (atomic_save_json, atomic_torch_save, json_field, load_json, remove_stale_tmp,
                                  safe_torch_load)
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
+STEP_RE = re.compile(r"^step_(\d{8,})$")  # step_dir() pads to 8 digits; later steps have more
 
 
 def step_dir(root: Path, step: int) -> Path:

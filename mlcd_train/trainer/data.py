@@ -75,6 +75,25 @@ def check_same_labels(saved: dict | None, now: dict | None, checkpoint) -> None:
                         "(init.checkpoint=... keeps the backbone)")
 
 
+def open_label_files(labels_dir: Path, name: str, *, keys_mmap: bool = False):
+    """(labels [n, L] memory-mapped, keys [n], labels path, keys path) of shard ``name`` in an
+    ``mlcd assign`` folder: the one reader of label files (``check_labels`` before step 1 and
+    :class:`LabelTable` while training), each file a regular file loaded without unpickling; a
+    missing file, a labels array that is not [n, L] or a row count that differs from the keys'
+    is an MLCDError naming the shard and the file."""
+    lab, keys = Path(labels_dir) / f"{name}.labels.npy", Path(labels_dir) / f"{name}.keys.npy"
+    for p in (lab, keys):
+        if not p.is_file():
+            raise MLCDError(f"shard {name}: label file {p} is missing (run `mlcd assign` on these shards)")
+    labels = safe_np_load(lab, "label array", mmap_mode="r")
+    k = safe_np_load(keys, "key array", mmap_mode="r" if keys_mmap else None)
+    if labels.ndim != 2:
+        raise MLCDError(f"shard {name}: {lab} should be [n, L], has shape {labels.shape}")
+    if labels.shape[0] != k.shape[0]:
+        raise MLCDError(f"shard {name}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
+    return labels, k, lab, keys
+
+
 def check_labels(shards: list[str], labels_dir: str, sizes: dict | None, l: int,
                  check_keys_shards: int = 1) -> None:
     """Before step 1: every shard has label files with matching row counts (and keys).
@@ -88,16 +107,7 @@ def check_labels(shards: list[str], labels_dir: str, sizes: dict | None, l: int,
     ldir = Path(labels_dir)
     for i, path in enumerate(shards):
         name = shard_name(path)
-        lab, keys = ldir / f"{name}.labels.npy", ldir / f"{name}.keys.npy"
-        for p in (lab, keys):
-            if not p.is_file():
-                raise MLCDError(f"shard {name}: label file {p} is missing (run `mlcd assign` on these shards)")
-        labels = safe_np_load(lab, "label array", mmap_mode="r")
-        k = safe_np_load(keys, "key array", mmap_mode="r")
-        if labels.ndim != 2:
-            raise MLCDError(f"shard {name}: {lab} should be [n, L], has shape {labels.shape}")
-        if labels.shape[0] != k.shape[0]:
-            raise MLCDError(f"shard {name}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
+        labels, k, lab, keys = open_label_files(ldir, name, keys_mmap=True)
         if labels.shape[1] < l:
             raise MLCDError(f"shard {name}: {lab} has {labels.shape[1]} label columns, loss.l={l} needs more")
         if sizes is not None and name + ".tar" in sizes and labels.shape[0] > int(sizes[name + ".tar"]):
@@ -138,13 +148,7 @@ class LabelTable:
 
     def _load(self, shard: str):
         if shard not in self.cache:
-            lab, keys = self.dir / f"{shard}.labels.npy", self.dir / f"{shard}.keys.npy"
-            if not lab.is_file() or not keys.is_file():
-                raise MLCDError(f"shard {shard}: label file {lab if not lab.is_file() else keys} is missing")
-            labels = safe_np_load(lab, "label array", mmap_mode="r")
-            k = safe_np_load(keys, "key array")
-            if labels.shape[0] != k.shape[0]:
-                raise MLCDError(f"shard {shard}: {lab} has {labels.shape[0]} rows but {keys} has {k.shape[0]} keys")
+            labels, k, _, keys = open_label_files(self.dir, shard)
             index = {str(key): i for i, key in enumerate(k)}
             if len(index) != len(k):  # a join by key would hand one sample the other's labels
                 _, first, counts = np.unique(k, return_index=True, return_counts=True)
