@@ -148,8 +148,11 @@ def comparable_identity(was: dict, now: dict) -> dict:
 def model_paths(model: str, pretrained: str | None) -> list[str]:
     """The files or folders an embedder spec reads (``hf:PATH``, ``mlcd:PATH``, ``pca:FILE``,
     an open_clip config ``.json`` or local ``--pretrained`` file)."""
-    kind, sep, arg = model.partition(":")
-    paths = [arg] if sep and arg and (kind in ("hf", "mlcd", "pca") or arg.endswith(".json")) else []
+    from clustering.embedders import spec_path
+
+    _, sep, arg = model.partition(":")
+    path = spec_path(model) or (arg if sep and arg.endswith(".json") else None)  # open_clip: a config file
+    paths = [path] if path else []
     if pretrained and os.path.exists(pretrained):
         paths.append(pretrained)
     return paths

@@ -18,7 +18,7 @@ def _register() -> None:
     from clustering.embedders import register_embedder
 
     register_embedder("mlcd", _mlcd_embedder, usage="mlcd:PATH", order=30,
-                      missing_arg="mlcd embedder needs a checkpoint or export: mlcd:PATH")
+                      missing_arg="mlcd embedder needs a checkpoint or export: mlcd:PATH", arg_is_path=True)
 
 
 _register()

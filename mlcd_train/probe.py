@@ -178,10 +178,10 @@ def embedder_slug(spec: str) -> str:
 
 def _canonical_spec(spec: str) -> str:
     """Absolute paths in path-carrying specs, so the cache does not depend on the working folder."""
-    kind, sep, arg = spec.partition(":")
-    if sep and kind in ("hf", "mlcd", "pca") and arg:
-        return f"{kind}:{os.path.abspath(arg)}"
-    return spec
+    from clustering.embedders import spec_path
+
+    path = spec_path(spec)
+    return f"{spec.partition(':')[0]}:{os.path.abspath(path)}" if path else spec
 
 
 def _embed_split(spec: str, shards: str, emb_dir: str, args) -> None:
@@ -300,9 +300,10 @@ def check_probe_folders(args) -> None:
     inputs = []
     for option, src in (("--train", args.train), ("--test", args.test)):
         inputs += [(option, d) for d in sorted({os.path.dirname(s) for s in list_shards(src)})]
-    kind, sep, arg = args.embedder.partition(":")
-    if sep and arg and kind in ("hf", "mlcd", "pca"):
-        inputs.append(("--embedder", arg))
+    from clustering.embedders import spec_path
+
+    if spec_path(args.embedder):
+        inputs.append(("--embedder", spec_path(args.embedder)))
     if args.pretrained and os.path.exists(args.pretrained):
         inputs.append(("--pretrained", args.pretrained))
     check_out_separate("--out", args.out, inputs)

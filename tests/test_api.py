@@ -139,6 +139,10 @@ def test_embedder_registry():
         from clustering.embedders import _KINDS
 
         _KINDS.pop("const_test")
+    from clustering.embedders import spec_path
+
+    assert [spec_path(s) for s in ("hf:/m", "mlcd:run", "pca:p.npz", "pca", "open_clip:ViT-B-32", "x:y")] == \
+        ["/m", "run", "p.npz", None, None, None]
     with pytest.raises(MLCDError, match=r"unknown embedder 'nope:1': use one of open_clip:NAME, hf:PATH, "
                                         r"mlcd:PATH, pca"):
         get_embedder("nope:1")
@@ -173,6 +177,8 @@ def test_loss_registry_drives_config_and_partial_fc():
         C.validate(C.build_config(None, base + ["loss.name=unicom", "loss.l=2"]))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # the sample through shards, embed, cluster, assign and the probe: ~1 min idle
 def test_readme_from_python_block_runs(tmp_path, monkeypatch, capsys):
     """The README's "From Python" example, run as written (in a folder of its own)."""
     import re

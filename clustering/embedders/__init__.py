@@ -107,17 +107,26 @@ class EmbedderKind:
     usage: str                   # how a spec of this kind is written, e.g. "hf:PATH"
     missing_arg: Optional[str]   # the error when ARG is empty; None: the bare kind is valid ("pca")
     order: int = 100             # position in error messages and listings
+    arg_is_path: bool = False    # ARG names a file or folder it reads (made absolute, kept apart from outputs)
 
 
 _KINDS: dict[str, EmbedderKind] = {}
 
 
 def register_embedder(name: str, factory: Callable[..., Embedder], *, usage: str,
-                      missing_arg: Optional[str] = None, order: int = 100) -> None:
+                      missing_arg: Optional[str] = None, order: int = 100, arg_is_path: bool = False) -> None:
     """Register an embedder kind (idempotent for the same name; a later call replaces it)."""
     if not name or ":" in name:
         raise ValueError(f"embedder kind {name!r}: a non-empty name without ':'")
-    _KINDS[name] = EmbedderKind(name, factory, usage, missing_arg, order)
+    _KINDS[name] = EmbedderKind(name, factory, usage, missing_arg, order, arg_is_path)
+
+
+def spec_path(spec: str) -> Optional[str]:
+    """The file or folder a spec's ARG names when its kind reads one (``hf:PATH``, ``mlcd:PATH``,
+    ``pca:FILE``), else None."""
+    kind, sep, arg = spec.partition(":")
+    entry = _KINDS.get(kind)
+    return arg if sep and arg and entry is not None and entry.arg_is_path else None
 
 
 def embedder_kinds() -> list[EmbedderKind]:
@@ -166,5 +175,6 @@ def _pca(arg: str, **opts) -> Embedder:
 
 register_embedder("open_clip", _open_clip, usage="open_clip:NAME", order=10,
                   missing_arg="open_clip embedder needs a model name: open_clip:NAME (or a config .json)")
-register_embedder("hf", _hf, usage="hf:PATH", order=20, missing_arg="hf embedder needs a local directory: hf:PATH")
-register_embedder("pca", _pca, usage="pca", order=40)
+register_embedder("hf", _hf, usage="hf:PATH", order=20, missing_arg="hf embedder needs a local directory: hf:PATH",
+                  arg_is_path=True)
+register_embedder("pca", _pca, usage="pca", order=40, arg_is_path=True)
