@@ -64,6 +64,7 @@ from typing import Any, Callable
 from clustering import assign as A
 from clustering import embed as E
 from clustering import kmeans as K
+from clustering.embedders import embedder_kinds
 from mlcd_core.errors import MLCDError
 from mlcd_train import export as X
 from mlcd_train.trainer.checkpoint import step_dir
@@ -86,7 +87,15 @@ SCHEMA: dict[str, Any] = {
     "threads": (int, 0),
     "seed": (int, 0),
 }
-TEACHER_KINDS = ("pca", "pca:", "open_clip:", "hf:", "mlcd:")
+
+
+def teacher_spec_ok(spec: str) -> bool:
+    """A spec of a registered embedder kind, with the ARG its kind needs (clustering.embedders)."""
+    kind, _, arg = spec.partition(":")
+    entry = {k.name: k for k in embedder_kinds()}.get(kind)
+    return entry is not None and (bool(arg) or entry.missing_arg is None)
+
+
 # trainer keys whose values the pipeline sets itself (they point at the stages' folders)
 OWNED_KEYS = ("output_dir", "data.shards", "data.labels", "eval.train", "eval.test", "eval.every", "resume")
 # settings a rerun may change without being another run
@@ -177,8 +186,9 @@ def validate(data: Any, where: str = "pipeline config") -> dict:
     _need(bool(cfg["input"]["train"]), "input.train", "must name the training images", where)
     _need(cfg["input"]["shard_size"] >= 1, "input.shard_size", "must be at least 1", where)
     t = cfg["teacher"]
-    _need(t["model"] == "pca" or t["model"].startswith(TEACHER_KINDS[1:]), "teacher.model",
-          f"expected pca, pca:FILE.npz, open_clip:NAME, hf:PATH or mlcd:PATH, got {t['model']!r}", where)
+    _need(teacher_spec_ok(t["model"]), "teacher.model",
+          f"expected {', '.join(k.usage for k in embedder_kinds())} (the embedder registry), got {t['model']!r}",
+          where)
     _need(t["dim"] >= 1 and t["image_size"] >= 1, "teacher.dim", "teacher.dim and teacher.image_size must be >= 1",
           where)
     p = cfg["probe"]

@@ -120,7 +120,7 @@ def test_embed_function_and_moved_pca_folder(tmp_path):
 
 def test_embedder_registry():
     kinds = [k.name for k in embedder_kinds()]
-    assert kinds == ["open_clip", "hf", "mlcd", "pca"]  # mlcd: registered by mlcd_train (imported above)
+    assert kinds == ["pca", "open_clip", "hf", "mlcd"]  # mlcd: registered by mlcd_train (imported above)
 
     class Const:
         spec, dim, needs_fit = "const", 2, False
@@ -143,8 +143,8 @@ def test_embedder_registry():
 
     assert [spec_path(s) for s in ("hf:/m", "mlcd:run", "pca:p.npz", "pca", "open_clip:ViT-B-32", "x:y")] == \
         ["/m", "run", "p.npz", None, None, None]
-    with pytest.raises(MLCDError, match=r"unknown embedder 'nope:1': use one of open_clip:NAME, hf:PATH, "
-                                        r"mlcd:PATH, pca"):
+    with pytest.raises(MLCDError, match=r"unknown embedder .nope:1.: use one of pca, open_clip:NAME, hf:PATH, "
+                                        r"mlcd:PATH"):
         get_embedder("nope:1")
 
 

@@ -135,14 +135,14 @@ def _corrupt_hf(hf_dir):
 def test_hf_reload_with_different_outputs_stops_the_demo(vit_demo, monkeypatch):
     from mlcd_train import convert
 
-    real_main = convert.main
+    real = convert.convert_to_hf  # the demo calls the stage's function
 
-    def convert_then_corrupt(argv=None):  # a conversion that passes its own check, then the files change
-        rc = real_main(argv)
+    def convert_then_corrupt(*args, **kwargs):  # a conversion that passes its own check, then the files change
+        rc = real(*args, **kwargs)
         _corrupt_hf(vit_demo / "hf")
         return rc
 
-    monkeypatch.setattr(convert, "main", convert_then_corrupt)
+    monkeypatch.setattr(convert, "convert_to_hf", convert_then_corrupt)
     # finished stages are skipped (training is not relaunched); the reload check must stop the run
     with pytest.raises(MLCDError, match="stage convert.*outputs diverge at layer 1"):
         demo.main(["--out", str(vit_demo)] + VIT_ARGS)

@@ -11,9 +11,11 @@ from mlcd_train.cli import run_stage
 from mlcd_train.utils.errors import MLCDError
 
 # module of each stage -> the name the call log uses
-STAGE_MODULES = {"mlcd_train.data.shards": "shards", "clustering.embed": "embed", "clustering.kmeans": "cluster",
-                 "clustering.assign": "assign", "mlcd_train.train": "train", "mlcd_train.export": "export",
-                 "mlcd_train.probe": "probe"}
+# the function of each stage that the pipeline calls (the trainer by its argv)
+STAGE_FUNCTIONS = {("mlcd_train.data.shards", "make_shards"): "shards", ("clustering.embed", "embed"): "embed",
+                   ("clustering.kmeans", "cluster_folder"): "cluster", ("clustering.assign", "assign"): "assign",
+                   ("mlcd_train.train", "main"): "train", ("mlcd_train.export", "export"): "export",
+                   ("mlcd_train.probe", "probe"): "probe"}
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +46,17 @@ def write_yaml(path, cfg) -> str:
 
 
 def spy_stages(monkeypatch, calls: list, fail_on=None):
-    """Wrap every stage's main: record the pipeline's calls as (stage, round folder) (not those a stage makes
-    itself: the probe embeds through embed's main) and raise where ``fail_on(stage, where)`` says."""
+    """Wrap every stage's function: record the pipeline's calls as (stage, round folder) (not those a stage
+    makes itself: the probe embeds through embed's function) and raise where ``fail_on(stage, where)`` says."""
     import importlib
 
     depth = [0]
-    for module, stage in STAGE_MODULES.items():
+    for (module, name), stage in STAGE_FUNCTIONS.items():
         mod = importlib.import_module(module)
-        real = mod.main
+        real = getattr(mod, name)
 
-        def wrapped(argv=None, real=real, stage=stage):
-            text = " ".join(argv or [])
+        def wrapped(*args, real=real, stage=stage, **kwargs):
+            text = " ".join(str(v) for v in list(args) + list(kwargs.values()))
             where = next((f"round_{r}" for r in (1, 2, 3) if f"/round_{r}/" in text + "/"), "shards")
             if depth[0] == 0:
                 calls.append((stage, where))
@@ -62,11 +64,11 @@ def spy_stages(monkeypatch, calls: list, fail_on=None):
                 raise MLCDError("simulated kill")
             depth[0] += 1
             try:
-                return real(argv)
+                return real(*args, **kwargs)
             finally:
                 depth[0] -= 1
 
-        monkeypatch.setattr(mod, "main", wrapped)
+        monkeypatch.setattr(mod, name, wrapped)
 
 
 def snapshot(folder) -> dict:

@@ -42,10 +42,10 @@ def test_cached_features_are_reused_only_for_the_same_shards(tmp_path, monkeypat
     assert (len(data["train"][1]), len(data["test"][1])) == (6, 12)
     from clustering import embed
 
-    def no_embed(argv=None):
+    def no_embed(*args, **kwargs):  # the probe calls the stage's function
         raise AssertionError("features were cached, embed must not run")
 
-    monkeypatch.setattr(embed, "main", no_embed)
+    monkeypatch.setattr(embed, "embed", no_embed)
     _, again = probe.features_for(args.embedder, str(b), str(a), args.out, args)
     assert np.array_equal(again["train"][0], data["train"][0])
     # the test folder rewritten in place (same path, other images): its features are stale

@@ -177,4 +177,4 @@ register_embedder("open_clip", _open_clip, usage="open_clip:NAME", order=10,
                   missing_arg="open_clip embedder needs a model name: open_clip:NAME (or a config .json)")
 register_embedder("hf", _hf, usage="hf:PATH", order=20, missing_arg="hf embedder needs a local directory: hf:PATH",
                   arg_is_path=True)
-register_embedder("pca", _pca, usage="pca", order=40, arg_is_path=True)
+register_embedder("pca", _pca, usage="pca", order=5, arg_is_path=True)  # weights-free: listed first
