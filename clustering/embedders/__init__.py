@@ -146,7 +146,8 @@ def get_embedder(spec: str, **opts) -> Embedder:
     if entry is None:
         usages = ", ".join(k.usage for k in embedder_kinds())
         hint = ("" if kind != "mlcd" else
-                " (mlcd:PATH is registered by the mlcd_train package: run `mlcd embed`, or import mlcd_train)")
+                " (mlcd:PATH is registered by the mlcd_train package: run `mlcd embed`, under torchrun "
+                "`torchrun ... -m mlcd_train.cli embed ...`, or import mlcd_train first)")
         raise MLCDError(f"unknown embedder {spec!r}: use one of {usages}{hint}")
     if not arg and entry.missing_arg is not None:
         raise MLCDError(entry.missing_arg)
