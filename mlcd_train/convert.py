@@ -6,16 +6,20 @@ Export to Hugging Face (the seed's flags)::
 
 The architecture comes from the export's ``.json`` sidecar when present (refused when it
 records another ``.pt``'s sha256), else from the tensors (width, depth, patch, MLP size;
-RoPE2D when ``class_pos_emb`` is there, heads from its length, activation ``gelu`` as in the
-native MLCD layout; a learned-position tower's heads and activation are not in its tensors,
-so without sidecar ``--num_heads`` and ``--act`` are required); the flags override.  RoPE2D towers become a
+RoPE2D when ``class_pos_emb`` is there, heads from its length; no activation is in the
+tensors, so without sidecar ``--act`` is required (``gelu`` for DeepGlint's native layout),
+and for a learned-position tower ``--num_heads`` too); the flags override.  RoPE2D towers become a
 ``transformers.MLCDVisionModel`` directory, CLIP-style towers a ``CLIPVisionModel`` (or
-``CLIPVisionModelWithProjection`` when the tower has a projection); weights in safetensors,
-plus a ``CLIPImageProcessor`` config (bicubic resize of the short side, centre crop, CLIP
+``CLIPVisionModelWithProjection`` when the tower has a projection); weights in safetensors
+under the ``vision_model.`` prefix (``vision_model.class_pos_emb`` for RoPE2D), the layout of
+DeepGlint's own folders, which transformers 4.x and 5.x both load (5.x's own save_pretrained
+drops the prefix, and 4.x then builds random weights with only a warning), plus a
+``CLIPImageProcessor`` config (bicubic resize of the short side, centre crop, CLIP
 mean/std).  A RoPE2D tower's projection, which MLCDVisionModel has no place for, is kept in
 ``mlcd_projection.safetensors`` (key ``proj``, [width, dim]) so that import restores it.
 
-After writing, the directory is loaded back with transformers and run on a fixed random
+After writing, the directory is loaded back with transformers (safetensors only, every key
+present and used, else an error) and run on a fixed random
 input next to our model: the class token's cosine must exceed 0.9999 at every layer and
 the last hidden state must agree within 1e-4 (max |diff| relative to max(1, max |value|)).
 Otherwise the command fails naming the first layer that diverges.  Everything is written
@@ -25,7 +29,13 @@ Import (Hugging Face MLCD or CLIP vision directory -> our native export)::
 
     mlcd convert --from-hf hf_dir --out mlcd_vit.pt
 
-Python: :func:`convert_to_hf`, :func:`import_from_hf` (returns our model),
+The weights are read by us, not by ``from_pretrained``: safetensors (one file or an index of
+shards, whose names must stay in the folder), else ``pytorch_model.bin`` with
+``torch.load(weights_only=True)``; both layouts (with or without ``vision_model.``, and
+``class_pos_emb`` either way) are accepted, a missing tensor is an error naming it.
+
+Python: :func:`convert_to_hf`, :func:`import_from_hf` (returns our model), :func:`load_hf` (a
+transformers model from a folder, checked complete), :func:`hf_outputs`, :func:`verify_against`,
 :func:`native_to_hf_state_dict`, :func:`hf_to_native_state_dict`.
 """
 from __future__ import annotations
@@ -44,13 +54,16 @@ import torch
 from mlcd_train.export import build_and_load, load_native, resolve_config, save_native
 from mlcd_train.utils.errors import MLCDError
 from mlcd_train.utils.args import positive_int
-from mlcd_train.utils.io import check_out_separate, json_field, load_json
+from mlcd_train.utils.io import check_name, check_out_separate, check_regular, json_field, load_json, safe_torch_load
+from mlcd_train.utils.lock import output_lock
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROJ_FILE = "mlcd_projection.safetensors"
 COS_MIN = 0.9999
 ATOL = 1e-4
+FILE_PREFIX = "vision_model."  # where the tower sits in the weights we write (4.x and 5.x load it)
+WEIGHTS = "model.safetensors"
 
 # per-block native suffix -> HF suffix (weights and biases)
 _BLOCK_MAP = [("ln_1", "layer_norm1"), ("attn.out_proj", "self_attn.out_proj"), ("ln_2", "layer_norm2"),
@@ -58,20 +71,46 @@ _BLOCK_MAP = [("ln_1", "layer_norm1"), ("attn.out_proj", "self_attn.out_proj"), 
 
 
 def hf_prefix(keys) -> str:
-    """Where the tower's modules sit in a transformers state dict: MLCDVisionModel and (in
-    transformers 5) CLIPVisionModel hold them directly, CLIPVisionModelWithProjection under
-    ``vision_model.``."""
+    """Where the tower's modules sit in a transformers state dict: ``vision_model.`` in
+    transformers 4.x models, DeepGlint's folders, the files we write and every
+    CLIPVisionModelWithProjection / CLIPModel; nothing in transformers 5's MLCDVisionModel and
+    CLIPVisionModel (and the folders their save_pretrained writes)."""
     for key in keys:
         if key.endswith("embeddings.patch_embedding.weight"):
             return key[: -len("embeddings.patch_embedding.weight")]
     raise MLCDError("Hugging Face weights: no '*embeddings.patch_embedding.weight' key; not a ViT vision tower")
 
 
+def canonical_hf_state_dict(hf: dict) -> dict:
+    """A transformers vision state dict in any layout -> the tower's keys without prefix
+    (``embeddings.*``, ``encoder.*``, ``pre_layrnorm.*``, ``post_layernorm.*``, ``class_pos_emb``)
+    plus ``visual_projection.weight``; a CLIPModel's text half and other keys are dropped.
+    ``class_pos_emb`` is taken with or without the prefix (transformers 4.52-4.57 put it under
+    ``vision_model.``, 5.x and earlier versions of this tool wrote it bare)."""
+    p = hf_prefix(hf)
+    out = {}
+    for key, value in hf.items():
+        if p and key.startswith(p):
+            out[key[len(p):]] = value
+        elif not p and not key.startswith(("text_model.", "text_projection", "logit_scale")):
+            out[key] = value
+        elif key in ("visual_projection.weight", "class_pos_emb"):
+            out[key] = value
+    return out
+
+
+def to_model_layout(canon: dict, model_keys) -> dict:
+    """Canonical keys (:func:`canonical_hf_state_dict`) -> the keys of a transformers model
+    whose state dict has ``model_keys`` (its own prefix)."""
+    p = hf_prefix(model_keys)
+    return {k if k == "visual_projection.weight" else p + k: v for k, v in canon.items()}
+
+
 # --------------------------------------------------------------------------- state dict maps
 def native_to_hf_state_dict(sd: dict, cfg: dict, prefix: str = "") -> dict:
     """Our native state dict -> the state dict of a transformers model whose tower modules sit
-    under ``prefix`` (see :func:`hf_prefix`).  A RoPE2D tower's ``proj`` is left out
-    (MLCDVisionModel has none); a CLIP-style one becomes ``visual_projection.weight``."""
+    under ``prefix`` (see :func:`hf_prefix`; ``class_pos_emb`` too).  A RoPE2D tower's ``proj``
+    is left out (MLCDVisionModel has none); a CLIP-style one becomes ``visual_projection.weight``."""
     rope = cfg["pos_embed"] == "rope2d"
     D = cfg["width"]
     p = prefix
@@ -82,7 +121,7 @@ def native_to_hf_state_dict(sd: dict, cfg: dict, prefix: str = "") -> dict:
         p + "post_layernorm.weight": sd["ln_post.weight"], p + "post_layernorm.bias": sd["ln_post.bias"],
     }
     if rope:
-        out["class_pos_emb"] = sd["class_pos_emb"]
+        out[p + "class_pos_emb"] = sd["class_pos_emb"]
     else:
         out[p + "embeddings.position_embedding.weight"] = sd["positional_embedding"]
         if sd.get("proj") is not None:
@@ -102,9 +141,11 @@ def native_to_hf_state_dict(sd: dict, cfg: dict, prefix: str = "") -> dict:
 
 
 def hf_to_native_state_dict(hf: dict, cfg: dict) -> dict:
-    """The reverse of :func:`native_to_hf_state_dict` (``proj`` from ``visual_projection`` if present)."""
+    """The reverse of :func:`native_to_hf_state_dict` (``proj`` from ``visual_projection`` if
+    present), from a state dict in any layout (:func:`canonical_hf_state_dict`)."""
     rope = cfg["pos_embed"] == "rope2d"
-    p = hf_prefix(hf)
+    hf = canonical_hf_state_dict(hf)
+    p = ""
 
     def get(key):
         if key not in hf:
@@ -251,10 +292,72 @@ def _publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _dtype_kwargs() -> dict:
+    """float32 weights on load: transformers 5 calls the argument ``dtype``, 4.x ``torch_dtype``
+    (4.56+ takes both); 5.x's default is the file's dtype."""
+    major = int(_tf_version().split(".")[0])
+    return {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
+
+
+def _loading_problems(info: dict) -> str:
+    parts = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = sorted(str(k) for k in (info.get(key) or ()))
+        if found:
+            parts.append(f"{key.replace('_', ' ')} {found[:4]}{' ...' if len(found) > 4 else ''}")
+    return "; ".join(parts)
+
+
+def load_hf(hf_dir: str | os.PathLike, hf_cls=None, *, strict: bool = True):
+    """A transformers model from a folder we wrote (class from its config's ``architectures``
+    unless ``hf_cls``): safetensors only (nothing unpickled), float32, offline.  With ``strict``,
+    a key transformers leaves missing or unused (which it would fill with random weights, with
+    only a warning) is an MLCDError naming the folder and the transformers version."""
+    import transformers
+
+    hf_dir = Path(hf_dir)
+    if hf_cls is None:
+        cfg_path = hf_dir / "config.json"
+        raw = _read_hf_config(hf_dir)
+        archs = json_field(raw, "architectures", list, cfg_path, default=None, nullable=True) or ["AutoModel"]
+        hf_cls = getattr(transformers, str(archs[0]), None)
+        if hf_cls is None or not hasattr(hf_cls, "from_pretrained"):
+            raise MLCDError(f"{cfg_path}: architecture {str(archs[0])[:60]!r} is not a transformers model class "
+                            f"(transformers {_tf_version()})")
+    try:
+        with _quiet_transformers():
+            model, info = hf_cls.from_pretrained(hf_dir, use_safetensors=True, local_files_only=True,
+                                                 output_loading_info=True, **_dtype_kwargs())
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MLCDError(f"{hf_dir}: transformers {_tf_version()} cannot load it as {hf_cls.__name__} "
+                        f"(safetensors weights only): {first[:300]}") from None
+    problems = _loading_problems(info)
+    if strict and problems:
+        raise MLCDError(f"{hf_dir}: transformers {_tf_version()} loads it as {hf_cls.__name__} with {problems} "
+                        "(those weights would be random)")
+    return model.float().eval()
+
+
+def hf_outputs(hf_model, pixels: torch.Tensor, with_proj: bool):
+    """(hidden states, pooled output) of a transformers vision model, as :func:`verify_against`
+    compares them with ours."""
+    return _hf_outputs(hf_model, pixels, with_proj)
+
+
 def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                   image_size: Optional[int] = None, num_heads: Optional[int] = None, act: Optional[str] = None,
                   overwrite: bool = False, verify: bool = True) -> dict:
-    """Write a Hugging Face directory for a native export; returns the report (config, checks)."""
+    """Write a Hugging Face directory for a native export; returns the report (config, checks).
+
+    The output (a folder replaced as a whole) is locked for the conversion: a second
+    conversion into it is refused naming this one (mlcd_train/utils/lock.py)."""
     out = Path(out_dir)
     # the output folder is replaced as a whole (--overwrite): it must not hold the export
     check_out_separate("--pytorch_dump_folder_path", out,
@@ -262,6 +365,11 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
                         ("--checkpoint_path", Path(checkpoint_path).with_suffix(".json"))], replaces_out=True)
     if out.exists() and not overwrite:
         raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
+    with output_lock(out, "convert", beside=True):
+        return _convert_to_hf(checkpoint_path, out, image_size, num_heads, act, overwrite, verify)
+
+
+def _convert_to_hf(checkpoint_path, out: Path, image_size, num_heads, act, overwrite: bool, verify: bool) -> dict:
     sd, meta = load_native(checkpoint_path)
     cfg = resolve_config(sd, meta, str(checkpoint_path), image_size=image_size, heads=num_heads, act=act)
     if cfg.get("family", "vit") != "vit":
@@ -272,29 +380,29 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
     del sd
     cfg = dict(vars(model.config))
     hf_cls = hf_class_for(cfg)
-    _say(f"building {hf_cls.__name__} ({cfg['pos_embed']}, width {cfg['width']}, {cfg['layers']} layers)")
-    hf_model = hf_cls(hf_config_for(cfg))
-    hf_model.load_state_dict(native_to_hf_state_dict(model.state_dict(), cfg, hf_prefix(hf_model.state_dict())),
-                             strict=True)
-    if dtype != torch.float32:
-        hf_model.to(dtype)
+    _say(f"writing {hf_cls.__name__} ({cfg['pos_embed']}, width {cfg['width']}, {cfg['layers']} layers)")
+    # written by us, not by save_pretrained: transformers 5 would drop the vision_model. prefix
+    weights = {k: v.detach().to(dtype).contiguous()
+               for k, v in native_to_hf_state_dict(model.state_dict(), cfg, FILE_PREFIX).items()}
+    hc = hf_config_for(cfg)
 
     tmp = _tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        from safetensors.torch import save_file
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        hf_model.save_pretrained(tmp)
-        del hf_model
+        tmp.mkdir()
+        hc.save_pretrained(tmp)
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        del weights
         image_processor_for(cfg["image_size"]).save_pretrained(tmp)
         if cfg["pos_embed"] == "rope2d" and model.proj is not None:
-            from safetensors.torch import save_file
-
             save_file({"proj": model.proj.detach().to(dtype).contiguous()}, str(tmp / PROJ_FILE))
         report = {"model_config": cfg, "hf_class": hf_cls.__name__}
         if verify:
-            _say(f"reloading {tmp} with transformers and comparing every layer")
-            with _quiet_transformers():
-                loaded = hf_cls.from_pretrained(tmp, dtype=torch.float32)
+            _say(f"reloading {tmp} with transformers {_tf_version()} and comparing every layer")
+            loaded = load_hf(tmp, hf_cls)
             report["checks"] = verify_against(model, loaded, cfg["image_size"], f"{out} vs {checkpoint_path}")
             del loaded
         _publish_dir(tmp, out, overwrite)
@@ -306,7 +414,9 @@ def convert_to_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
 
 def _read_hf_config(hf_dir: Path) -> dict:
     cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
+    if not hf_dir.is_dir():
+        raise MLCDError(f"{hf_dir}: not a folder (a Hugging Face model folder holds config.json and the weights)")
+    if not cfg_path.exists():
         raise MLCDError(f"{hf_dir}: not a Hugging Face model folder (no config.json)")
     return load_json(cfg_path, expect=dict)
 
@@ -316,104 +426,162 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers 5's "Loading weights" bar
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
-def _hf_weight_keys(hf_dir: Path) -> Optional[list[str]]:
-    """Tensor names of a Hugging Face folder's safetensors weights (None if not safetensors)."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json_field(load_json(index, expect=dict), "weight_map", dict, index, default={}))
-    single = hf_dir / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
 
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                return list(f.keys())
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise MLCDError(f"{single}: not a readable safetensors file ({exc})") from None
-    return None
+    try:
+        check_regular(path, what="safetensors file")
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise MLCDError(f"{path}: not found") from None
+    except MLCDError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MLCDError(f"{path}: not a readable safetensors file ({first[:200]})") from None
+
+
+def read_hf_weights(hf_dir: str | os.PathLike) -> dict:
+    """The tensors of a Hugging Face folder, read without running code: ``model.safetensors``,
+    else the shards named by ``model.safetensors.index.json`` (plain file names in the folder),
+    else ``pytorch_model.bin`` with ``torch.load(weights_only=True)`` (a pickled object in it
+    is refused, naming the file)."""
+    hf_dir = Path(hf_dir)
+    single, index, pickled = hf_dir / WEIGHTS, hf_dir / "model.safetensors.index.json", hf_dir / "pytorch_model.bin"
+    if single.exists():
+        return _load_safetensors(single)
+    if index.exists():
+        wmap = json_field(load_json(index, expect=dict), "weight_map", dict, index)
+        out: dict = {}
+        for name in sorted({check_name(f, index, "weight file") for f in wmap.values()}):
+            out.update(_load_safetensors(hf_dir / name))
+        missing = sorted(set(wmap) - set(out))
+        if missing:
+            raise MLCDError(f"{index}: names tensors its shards do not hold: {missing[:4]}")
+        return out
+    if pickled.exists():
+        obj = safe_torch_load(pickled, "pytorch_model.bin")
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise MLCDError(f"{pickled}: not a state dict of tensors")
+        return obj
+    raise MLCDError(f"{hf_dir}: no weights ({WEIGHTS}, model.safetensors.index.json or pytorch_model.bin)")
+
+
+MAX_HF_SIZE = 1 << 20  # no vision tower setting comes near it: a larger one is a damaged file
+
+
+def _check_size(v, key: str, cfg_path: Path) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_HF_SIZE:
+        raise MLCDError(f"{cfg_path}: {key} should be a positive integer up to {MAX_HF_SIZE}, found "
+                        f"{str(v)[:40]!r}")
 
 
 def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Optional[str] = None):
-    """Our VisionTransformer from a Hugging Face MLCD or CLIP vision directory (returns the model)."""
+    """Our VisionTransformer from a Hugging Face MLCD or CLIP vision directory (returns the model),
+    in either layout (with or without ``vision_model.``; see :func:`canonical_hf_state_dict`)."""
     import transformers
 
     hf_dir = Path(hf_dir)
     raw = _read_hf_config(hf_dir)
-    model_type = json_field(raw, "model_type", str, hf_dir / "config.json", default=None, nullable=True)
+    cfg_path = hf_dir / "config.json"
+    model_type = json_field(raw, "model_type", str, cfg_path, default=None, nullable=True)
     if model_type == "mlcd_vision_model":
-        hf_cls, pos_embed = transformers.MLCDVisionModel, "rope2d"
+        config_cls, pos_embed = transformers.MLCDVisionConfig, "rope2d"
     elif model_type in ("clip_vision_model", "clip"):
-        keys = _hf_weight_keys(hf_dir)
-        with_proj = keys is None or any(k.endswith("visual_projection.weight") for k in keys)
-        hf_cls = transformers.CLIPVisionModelWithProjection if with_proj else transformers.CLIPVisionModel
-        pos_embed = "abs"
+        config_cls, pos_embed = transformers.CLIPVisionConfig, "abs"
     else:
-        raise MLCDError(f"{hf_dir}/config.json: model_type {model_type!r} is not an MLCD or CLIP vision model "
+        raise MLCDError(f"{cfg_path}: model_type {model_type!r} is not an MLCD or CLIP vision model "
                         f"(expected 'mlcd_vision_model', 'clip_vision_model' or 'clip')")
-    kwargs = {}
-    if model_type == "clip":  # a full CLIP folder: its vision half, projection size from the top level
-        vcfg = transformers.CLIPVisionConfig.from_pretrained(hf_dir)
-        vcfg.projection_dim = raw.get("projection_dim", vcfg.projection_dim)
-        kwargs["config"] = vcfg
     try:
-        with _quiet_transformers():  # the text half of a full CLIP folder is reported as unexpected
-            hf_model, info = hf_cls.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise MLCDError(f"{hf_dir}: transformers cannot load it as {hf_cls.__name__}: "
-                        f"{str(exc).splitlines()[0]}") from None
-    missing = set(info.get("missing_keys", ()))
-    hc = hf_model.config
-    for key in missing - {"visual_projection.weight"}:
-        raise MLCDError(f"{hf_dir}: weights lack {key!r}")
+        with _quiet_transformers():  # a full CLIP config: its vision half
+            hc = config_cls.from_pretrained(hf_dir, local_files_only=True)
+    except Exception as exc:  # a data file: any failure to read it is the file's (huggingface_hub's
+        # strict dataclasses raise their own validation errors)
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise MLCDError(f"{cfg_path}: transformers {_tf_version()} cannot read it as {config_cls.__name__}: "
+                        f"{first.strip()[:200]}") from None
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        _check_size(getattr(hc, key, None), key, cfg_path)
+    for key in ("image_size", "patch_size"):
+        for v in (getattr(hc, key, None) if isinstance(getattr(hc, key, None), (list, tuple))
+                  else [getattr(hc, key, None)]):
+            _check_size(v, key, cfg_path)
+    if not isinstance(hc.layer_norm_eps, (int, float)) or isinstance(hc.layer_norm_eps, bool):
+        raise MLCDError(f"{cfg_path}: layer_norm_eps should be a number, found {hc.layer_norm_eps!r}"[:200])
+    canon = canonical_hf_state_dict(read_hf_weights(hf_dir))
+    has_proj = pos_embed == "abs" and "visual_projection.weight" in canon
+    if not has_proj:
+        canon.pop("visual_projection.weight", None)
+    if has_proj:
+        hc.projection_dim = int(canon["visual_projection.weight"].shape[0])
     act = hc.hidden_act
     if act not in ("gelu", "quick_gelu"):
-        raise MLCDError(f"{hf_dir}/config.json: hidden_act {act!r} is not supported (gelu or quick_gelu)")
+        raise MLCDError(f"{cfg_path}: hidden_act {act!r} is not supported (gelu or quick_gelu)")
     if abs(hc.layer_norm_eps - 1e-5) > 1e-12:
-        raise MLCDError(f"{hf_dir}/config.json: layer_norm_eps {hc.layer_norm_eps} (the towers use 1e-5)")
+        raise MLCDError(f"{cfg_path}: layer_norm_eps {hc.layer_norm_eps} (the towers use 1e-5)")
     if getattr(hc, "num_key_value_groups", 1) != 1:
-        raise MLCDError(f"{hf_dir}/config.json: num_key_value_groups {hc.num_key_value_groups} is not supported")
+        raise MLCDError(f"{cfg_path}: num_key_value_groups {hc.num_key_value_groups} is not supported")
 
     def one(v, key):
         if isinstance(v, (list, tuple)):
             if len(set(v)) != 1:
-                raise MLCDError(f"{hf_dir}/config.json: non-square {key} {v} is not supported")
+                raise MLCDError(f"{cfg_path}: non-square {key} {v} is not supported")
             v = v[0]
         return int(v)
 
-    hf_sd = hf_model.state_dict()
-    has_proj = "visual_projection.weight" in hf_sd and "visual_projection.weight" not in missing
-    if not has_proj:
-        hf_sd.pop("visual_projection.weight", None)
     proj = None
-    if pos_embed == "rope2d" and (hf_dir / PROJ_FILE).is_file():
-        from safetensors.torch import load_file
-
-        proj = load_file(str(hf_dir / PROJ_FILE))["proj"].float()
+    if pos_embed == "rope2d" and (hf_dir / PROJ_FILE).exists():
+        extra = _load_safetensors(hf_dir / PROJ_FILE)
+        proj = extra.get("proj")
+        if proj is None or proj.ndim != 2 or proj.shape[0] != hc.hidden_size:
+            raise MLCDError(f"{hf_dir / PROJ_FILE}: expected a tensor 'proj' of shape [{hc.hidden_size}, dim]")
+        proj = proj.float()
     output_dim = hc.projection_dim if has_proj else (int(proj.shape[1]) if proj is not None else None)
     cfg = dict(name=name or hf_dir.name, image_size=one(hc.image_size, "image_size"),
                patch_size=one(hc.patch_size, "patch_size"), width=hc.hidden_size, layers=hc.num_hidden_layers,
                heads=hc.num_attention_heads, mlp_ratio=hc.intermediate_size / hc.hidden_size,
                pos_embed=pos_embed, output_dim=output_dim, act=act)
-    sd = hf_to_native_state_dict(hf_sd, cfg)
+    sd = hf_to_native_state_dict(canon, cfg)
     if proj is not None:
         sd["proj"] = proj
     model = build_and_load(cfg, sd, str(hf_dir))
     if verify:
-        verify_against(model, hf_model, cfg["image_size"], f"import of {hf_dir}")
+        # transformers' own module, given the file's tensors by name alone (not through our
+        # mapping), so that a mistake in hf_to_native_state_dict shows as a divergence
+        hf_cls = transformers.MLCDVisionModel if pos_embed == "rope2d" else (
+            transformers.CLIPVisionModelWithProjection if has_proj else transformers.CLIPVisionModel)
+        with _quiet_transformers():
+            hf_model = hf_cls(hc)
+        own = hf_model.state_dict()
+        given = to_model_layout(canon, own)
+        missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+        if missing or unexpected:
+            raise MLCDError(f"{hf_dir}: weights do not fit {hf_cls.__name__}: missing {missing[:4]}, "
+                            f"unexpected {unexpected[:4]}")
+        try:
+            hf_model.load_state_dict({k: v.float() for k, v in given.items()}, strict=True)
+        except RuntimeError as exc:
+            raise MLCDError(f"{hf_dir}: weights do not fit {hf_cls.__name__}: "
+                            f"{str(exc).strip().splitlines()[-1][:300]}") from None
+        verify_against(model, hf_model.eval(), cfg["image_size"], f"import of {hf_dir}")
     return model
 
 
 # --------------------------------------------------------------------------- CLI
 EPILOG = """examples:
   mlcd convert --checkpoint_path mlcd_vit.pt --pytorch_dump_folder_path hf_dir
-  python tools/convert_to_hf.py --checkpoint_path native_bigG.pt --pytorch_dump_folder_path hf_dir --image_size 336
+  python tools/convert_to_hf.py --checkpoint_path bigG.pt --pytorch_dump_folder_path hf_dir --image_size 336 --act gelu
   mlcd convert --from-hf mlcd-vit-bigG-patch14-336 --out bigG_336.pt
 """
 
@@ -440,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention heads (default: sidecar; RoPE2D: width / (2 * len(class_pos_emb)); "
                         "abs without sidecar: required)")
     p.add_argument("--act", choices=("gelu", "quick_gelu"), default=None,
-                   help="MLP activation (default: sidecar, else gelu for RoPE2D; abs without sidecar: required)")
+                   help="MLP activation (default: the sidecar; without sidecar required: gelu for DeepGlint's "
+                        "native RoPE2D checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory / file")
     p.add_argument("--no_verify", "--no-verify", action="store_true",
                    help="skip reloading and comparing (not recommended)")
@@ -462,10 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         check_out_separate("--out", out, [("--from-hf", args.from_hf)], out_is_file=True, recursive=("--from-hf",))
         if out.exists() and not args.overwrite:
             raise MLCDError(f"{out}: already exists; pass --overwrite to replace it")
-        model = import_from_hf(args.from_hf, verify=not args.no_verify)
         from mlcd_train.models import model_config_to_dict
 
-        save_native(model.state_dict(), model_config_to_dict(model), out, source=str(args.from_hf))
+        with output_lock(out, "convert", beside=True):
+            model = import_from_hf(args.from_hf, verify=not args.no_verify)
+            save_native(model.state_dict(), model_config_to_dict(model), out, source=str(args.from_hf))
         c = model.config
         print(f"imported {args.from_hf} ({c.pos_embed}, width {c.width}, {c.layers} layers, {c.image_size} px) "
               f"to {out}")
@@ -494,5 +664,6 @@ if __name__ == "__main__":
     sys.exit(run_stage("convert", sys.argv[1:]))
 
 
-__all__ = ["convert_to_hf", "import_from_hf", "native_to_hf_state_dict", "hf_to_native_state_dict",
-           "hf_prefix", "hf_config_for", "hf_class_for", "image_processor_for", "verify_against", "compare_outputs"]
+__all__ = ["convert_to_hf", "import_from_hf", "load_hf", "read_hf_weights", "hf_outputs", "native_to_hf_state_dict",
+           "hf_to_native_state_dict", "canonical_hf_state_dict", "to_model_layout", "hf_prefix", "hf_config_for",
+           "hf_class_for", "image_processor_for", "verify_against", "compare_outputs"]

@@ -164,8 +164,8 @@ def load_native(path: str | os.PathLike) -> tuple[dict, Optional[dict]]:
     sd = strip_prefixes(obj)
     side = sidecar_path(path)
     meta = load_json(side, expect=dict) if side.exists() else None
-    if meta is not None and not isinstance(meta.get("model_config"), dict):
-        raise MLCDError(f"{side}: sidecar without a 'model_config' dict")
+    if meta is not None:
+        check_sidecar(meta, side)
     if meta is not None and meta.get(SHA_KEY) is not None and meta[SHA_KEY] != file_sha256(path):
         # a re-export killed between its two renames: new weights beside the old config
         raise MLCDError(f"{side}: sidecar belongs to another {Path(path).name} (its {SHA_KEY} does not match the "
@@ -175,6 +175,36 @@ def load_native(path: str | os.PathLike) -> tuple[dict, Optional[dict]]:
 
 
 SHA_KEY = "pt_sha256"  # the sidecar's record of the .pt it describes
+MAX_CONFIG_INT = 1 << 20  # no tower setting (width, layers, image size, ...) comes near it
+
+
+def check_sidecar(meta: dict, side: str | os.PathLike) -> None:
+    """The sidecar's ``model_config`` must describe a tower (the model registry's checks, and
+    every number finite and below MAX_CONFIG_INT, so that a damaged file cannot ask for an
+    impossible allocation); ``image_size`` / ``step`` integers or null; ``source`` and
+    ``pt_sha256`` strings.  Anything else is an MLCDError naming the file and the key."""
+    import math
+
+    from mlcd_train.models.registry import config_from_dict
+    from mlcd_train.utils.io import json_field
+
+    cfg = json_field(meta, "model_config", dict, side)
+    for key in ("image_size", "step"):
+        json_field(meta, key, int, side, default=None, nullable=True)
+    for key in ("source", SHA_KEY):
+        json_field(meta, key, str, side, default=None, nullable=True)
+    for key, value in cfg.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if abs(value) > MAX_CONFIG_INT or not math.isfinite(value):  # (10**400 > N before isfinite overflows)
+            raise MLCDError(f"{side}: key 'model_config.{key}' = {str(value)[:40]} is out of range")
+    try:
+        config_from_dict(dict(cfg), where=f"{side}: key 'model_config'")
+    except MLCDError as exc:
+        msg = str(exc)
+        raise MLCDError(msg if str(side) in msg else f"{side}: key 'model_config': {msg}") from None
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+        raise MLCDError(f"{side}: key 'model_config' does not describe a tower ({str(exc)[:200]})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -191,7 +221,8 @@ def infer_config(state_dict: dict, where: str = "checkpoint", *, image_size: Opt
 
     Width, depth, patch and MLP size from the weights; RoPE2D when ``class_pos_emb`` is
     there (heads = width / (2 * its length)), else learned absolute positions (image size
-    from the position table, heads = width / 64 as in CLIP); activation ``gelu``.  Arguments
+    from the position table, heads = width / 64 as in CLIP); activation ``gelu`` (a guess, which
+    :func:`resolve_config` never makes: without sidecar it needs ``act``).  Arguments
     override (and for abs, ``image_size`` must agree with the table)."""
     if "fc.weight" in state_dict or "layer1.0.conv1.weight" in state_dict:
         raise MLCDError(f"{where}: a ResNet state dict; its shape is read from the .json sidecar that "
@@ -278,10 +309,12 @@ def resolve_config(state_dict: dict, meta: Optional[dict], where: str, *, image_
                         f"{cfg['heads']} --act gelu for a CLIP-style tower of width {cfg['width']}), or keep the "
                         "sidecar of mlcd export beside it")
     if act is None:
-        # RoPE2D: heads come from class_pos_emb; the native MLCD layout (and the public conversion
-        # script, which has no activation flag) is gelu
-        print(f"mlcd: {where}: no .json sidecar; assuming activation gelu (the native MLCD layout's); pass --act "
-              "quick_gelu if the model was trained with it", file=sys.stderr)
+        # RoPE2D: heads come from class_pos_emb, but the activation is in no tensor, and the
+        # conversion check cannot catch a wrong guess (both sides are built from it)
+        raise MLCDError(f"{where}: no .json sidecar ({sidecar_path(where).name}), and a RoPE2D tower's activation "
+                        "is not in its tensors; pass --act gelu (the native MLCD layout's, e.g. DeepGlint's "
+                        "checkpoints) or --act quick_gelu (act= in Python), or keep the sidecar of mlcd export "
+                        "beside it")
     return cfg
 
 

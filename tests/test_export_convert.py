@@ -219,8 +219,12 @@ def test_convert_infers_architecture_from_tensors_without_sidecar(tmp_path, caps
         args = ["--checkpoint_path", str(path), "--pytorch_dump_folder_path", str(tmp_path / f"hf_{name}")]
         if name == "rope":
             with pytest.raises(MLCDError, match="--image_size"):
-                conv.main(args)
-            args += ["--image_size", "28"]
+                conv.main(args + ["--act", "gelu"])
+            # the activation is in no tensor, and the check cannot catch a wrong guess: not guessed
+            with pytest.raises(MLCDError, match="activation is not in its tensors; pass --act gelu"):
+                conv.main(args + ["--image_size", "28"])
+            assert not (tmp_path / f"hf_{name}").exists()
+            args += ["--image_size", "28", "--act", "gelu"]
         else:  # heads and activation of a learned-position tower are not in its tensors: not guessed
             with pytest.raises(MLCDError, match="--num_heads and --act"):
                 conv.main(args)
@@ -231,9 +235,6 @@ def test_convert_infers_architecture_from_tensors_without_sidecar(tmp_path, caps
         cfg = json.loads((tmp_path / f"hf_{name}" / "config.json").read_text())
         assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["patch_size"],
                 cfg["image_size"], cfg["hidden_act"]) == (m.config.width, m.config.heads, 2, 4, 28, "gelu")
-        # RoPE2D's activation is the native layout's gelu, said since the check cannot catch a wrong guess
-        err = capsys.readouterr().err
-        assert ("assuming activation gelu" in err) == (name == "rope")
 
 
 def test_convert_bad_inputs_leave_no_output_dir(tmp_path):
@@ -309,7 +310,8 @@ def test_bf16_export_converts_and_matches_its_rounded_weights(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
     conv.convert_to_hf(out, tmp_path / "hf")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
-        assert f.get_tensor("class_pos_emb").dtype == torch.bfloat16
+        # DeepGlint's layout, which transformers 4.x and 5.x both load
+        assert f.get_tensor("vision_model.class_pos_emb").dtype == torch.bfloat16
     hf = transformers.MLCDVisionModel.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ours = load_model(out)
     x = torch.randn(2, 3, 28, 28)
@@ -329,9 +331,12 @@ def test_tools_convert_to_hf_takes_the_seed_flags(tmp_path):
     path.with_suffix(".json").unlink()
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, MLCD_QUIET="1")
-    proc = subprocess.run([sys.executable, str(root / "tools" / "convert_to_hf.py"), "--pytorch_dump_folder_path",
-                           str(tmp_path / "hf"), "--checkpoint_path", str(path), "--image_size", "28"],
-                          capture_output=True, text=True, env=env, timeout=240)
+    cmd = [sys.executable, str(root / "tools" / "convert_to_hf.py"), "--pytorch_dump_folder_path",
+           str(tmp_path / "hf"), "--checkpoint_path", str(path), "--image_size", "28"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    # without sidecar the activation is not guessed: one line naming the flag, status 2
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--act gelu" in proc.stderr, proc.stderr
+    proc = subprocess.run(cmd + ["--act", "gelu"], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "verified" in proc.stdout
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
