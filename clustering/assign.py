@@ -50,6 +50,7 @@ from mlcd_core.errors import MLCDError
 from mlcd_core.args import float_between, fraction_left_open, nonneg_int, positive_int
 from mlcd_core.io import (OrderedWriter, atomic_save_json, atomic_save_npy, check_out_separate, json_field,
                                  load_json, remove_stale_tmp, safe_np_load)
+from mlcd_core.lock import output_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,139 +386,140 @@ def assign(emb: str, centroids: str, out: str, *, topk: int = 8, threshold: Opti
         torch.set_num_threads(threads)
     # LBL/meta.json, keys files and temporaries are replaced or deleted: never in EMB or CL
     check_out_separate("--out", out, [("--emb", emb), ("--centroids", centroids)])
-    info = init_distributed(device="cuda" if gpu else None)
-    folder = store.open_emb(emb, expect_embedder=embedder)
-    cent, cmeta = load_centroids(centroids)
-    k, d = cent.shape
-    L = topk
-    if d != folder.dim:
-        raise MLCDError(f"{centroids}: centres have dimension {d}, embeddings in "
-                        f"{os.path.join(emb, store.META)} have {folder.dim}")
-    if not 1 <= L <= k:
-        raise MLCDError(f"{centroids}: --topk {L} must be between 1 and k={k}")
-    if cmeta.get("embedder") not in (None, "", folder.embedder):
-        raise MLCDError(f"{os.path.join(emb, store.META)}: embeddings made with {folder.embedder!r}, "
-                        f"but the centres {centroids} come from {cmeta['embedder']!r}")
-    c_sha = (cmeta.get("embedder_info") or {}).get("weights_sha")
-    e_sha = (folder.meta.get("embedder_info") or {}).get("weights_sha")
-    if c_sha and e_sha and c_sha != e_sha:
-        raise MLCDError(f"{os.path.join(emb, store.META)}: embeddings made with other weights "
-                        f"(weights_sha {e_sha}) than the embeddings the centres {centroids} were "
-                        f"clustered from ({c_sha}), under the same spec {folder.embedder!r}")
-    meta_path = os.path.join(out, "meta.json")
-    # what makes two runs the same: a rerun may keep the other's finished shards only if all of
-    # these agree (the centres by content, not just by path: a re-clustered CL/ keeps its path)
-    settings = {
-        "k": k, "topk": L, "centroids": store.resolve(centroids),
-        "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(emb),
-        "emb_shards": folder.meta.get("shards"), "embedder": folder.embedder,
-        "embedder_info": folder.meta.get("embedder_info"),
-        "threshold": threshold}
-    old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
-    differ = store.run_difference(old, settings) if old is not None else ""
-    same_run = old is not None and not differ
-    if old is not None and not same_run and not overwrite:
-        raise MLCDError(f"{meta_path}: {out} holds labels of another run ({differ}); "
-                        f"use --overwrite or another --out")
-    barrier()  # every rank has read the old meta.json before rank 0 replaces it
+    with output_lock(out, "assign"):  # one run at a time into this output (issue 15)
+        info = init_distributed(device="cuda" if gpu else None)
+        folder = store.open_emb(emb, expect_embedder=embedder)
+        cent, cmeta = load_centroids(centroids)
+        k, d = cent.shape
+        L = topk
+        if d != folder.dim:
+            raise MLCDError(f"{centroids}: centres have dimension {d}, embeddings in "
+                            f"{os.path.join(emb, store.META)} have {folder.dim}")
+        if not 1 <= L <= k:
+            raise MLCDError(f"{centroids}: --topk {L} must be between 1 and k={k}")
+        if cmeta.get("embedder") not in (None, "", folder.embedder):
+            raise MLCDError(f"{os.path.join(emb, store.META)}: embeddings made with {folder.embedder!r}, "
+                            f"but the centres {centroids} come from {cmeta['embedder']!r}")
+        c_sha = (cmeta.get("embedder_info") or {}).get("weights_sha")
+        e_sha = (folder.meta.get("embedder_info") or {}).get("weights_sha")
+        if c_sha and e_sha and c_sha != e_sha:
+            raise MLCDError(f"{os.path.join(emb, store.META)}: embeddings made with other weights "
+                            f"(weights_sha {e_sha}) than the embeddings the centres {centroids} were "
+                            f"clustered from ({c_sha}), under the same spec {folder.embedder!r}")
+        meta_path = os.path.join(out, "meta.json")
+        # what makes two runs the same: a rerun may keep the other's finished shards only if all of
+        # these agree (the centres by content, not just by path: a re-clustered CL/ keeps its path)
+        settings = {
+            "k": k, "topk": L, "centroids": store.resolve(centroids),
+            "centroids_sha": store.array_fingerprint(cent), "emb": store.resolve(emb),
+            "emb_shards": folder.meta.get("shards"), "embedder": folder.embedder,
+            "embedder_info": folder.meta.get("embedder_info"),
+            "threshold": threshold}
+        old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
+        differ = store.run_difference(old, settings) if old is not None else ""
+        same_run = old is not None and not differ
+        if old is not None and not same_run and not overwrite:
+            raise MLCDError(f"{meta_path}: {out} holds labels of another run ({differ}); "
+                            f"use --overwrite or another --out")
+        barrier()  # every rank has read the old meta.json before rank 0 replaces it
 
-    if target_recall is not None and not (approx and 0 < target_recall <= 1):
-        raise MLCDError("--target-recall needs --approx and a value in (0, 1]")
-    backend = pick_backend(backend, gpu)
-    searcher = make_searcher(cent, backend=backend, approx=approx, nlist=nlist or None,
-                             nprobe=nprobe, gpu=gpu, cand_dtype=cand_dtype)
-    chunk_rows = chunk or (65536 if getattr(searcher, "on_gpu", False) else 4096)
-    if chunk_rows < 1:
-        raise MLCDError(f"--chunk must be positive, not {chunk}")
-    curve = None
-    if target_recall is not None:
-        # every rank tunes on the same seeded sample, so all of them pick the same nprobe
-        xs, Ie = recall_sample(folder, cent, L, recall_rows)
-        nprobe, curve = tune_nprobe(searcher, xs, Ie, L, target_recall)
-        del xs, Ie
-        if info.is_main and nprobe * 4 > searcher.nlist:
-            # IVF then scans over a quarter of the centres plus its lists' overhead: measured
-            # slower than exact search at k = 100k (bench_assign, random centres)
-            print(f"mlcd assign: recall {target_recall} needs nprobe {nprobe} of nlist "
-                  f"{searcher.nlist}: expect no speed-up over exact search (drop --approx); "
-                  f"the centres have little cluster structure", file=sys.stderr)
-    base_meta = {**settings, "dim": d, "total": folder.total, "counts": {sh.name: sh.n for sh in folder.shards}}
-    if info.is_main:
-        remove_stale_tmp(out)  # left by a killed run; no rank writes before the barrier
-    if info.is_main and not same_run:
-        # written first (complete=false), so a rerun with other settings is refused, not mixed in
-        atomic_save_json(meta_path, {**base_meta, "complete": False})
-    barrier()
-    mine = store.shard_names_for_rank(folder.shards, info.rank, info.world_size)
-    todo = [sh for sh in mine if overwrite or not label_done(out, sh.name, sh.n, L)]
-    os.makedirs(out, exist_ok=True)
-    if old is not None and not same_run:
-        # --overwrite of another run's labels (other centres, embeddings or settings): none of
-        # its shards may count as finished if this run is killed before redoing it.  Under the
-        # same settings an old shard holds exactly what a redo writes, so it stays.
-        for sh in todo:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(out, f"{sh.name}.keys.npy"))
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="folder")
-    # a shard's files are written in the background while the next shard is searched
-    writer = OrderedWriter(depth=1)
-    acc = LabelStats(k, L) if info.is_main and not no_stats else None
-    in_acc: set = set()
-    reader = store.prefetch(store.iter_raw_run(todo, chunk_rows))  # one read-ahead thread per run
-    try:
-        for sh in todo:
-            labels, scores = assign_shard(searcher, sh, L, chunk_rows, threshold, bar,
-                                          chunks=_shard_chunks(reader, sh, chunk_rows))
-            writer.submit(write_shard_labels, out, sh, labels, scores)
-            if acc is not None:  # stats from memory: the end of the run reads back only other shards
-                acc.add(labels, scores, store.load_cls(sh))
-                in_acc.add(sh.name)
-    except BaseException:
-        writer.close(wait_only=True)  # finished shards still land on disk
-        raise
-    finally:
-        reader.close()  # stops the read-ahead thread
-    writer.close()
-    bar.close()
-    seconds = time.perf_counter() - t0
-    cpu_seconds = time.process_time() - c0
-    barrier()
-    result = AssignResult(out=out, k=k, topk=L, total=folder.total, shards_done=len(todo), seconds=seconds)
-    if info.is_main:
-        search = {"backend": backend, "approx": approx}
-        if approx:
-            search.update(nlist=searcher.nlist, nprobe=searcher.nprobe)
-            if curve is not None:
-                search.update(target_recall=target_recall, nprobe_curve=curve,
-                              recall={"recall_at_L": curve[-1]["recall_at_L"],
-                                      "top1_agreement": curve[-1]["top1_agreement"],
-                                      "sample": min(recall_rows, folder.total)})
-            else:
-                search["recall"] = recall_at_l(folder, cent, searcher, L, recall_rows)
-        if backend == "torch":
-            search["cand_dtype"] = searcher.cand_dtype
-            search["exact_fallback_rows"] = searcher.n_fallback
-        meta = {**base_meta, "complete": True, "search": search,
-                "seconds_rank0": seconds, "cpu_seconds_rank0": cpu_seconds,
-                "shards_done_this_run_rank0": len(todo)}
-        if not no_stats:
-            stats, top1 = compute_stats(out, folder, k, L, acc, in_acc)
-            result.stats = stats
-            atomic_save_json(os.path.join(out, "stats.json"), stats)
-            plot_sizes(out, top1)
-        atomic_save_json(meta_path, meta)
-        result.meta = meta
-        print(f"mlcd assign: {folder.total} embeddings -> top-{L} of {k} centres ({backend}"
-              f"{', approx' if approx else ''}) in {out}", file=sys.stderr)
-    barrier()
-    return result
+        if target_recall is not None and not (approx and 0 < target_recall <= 1):
+            raise MLCDError("--target-recall needs --approx and a value in (0, 1]")
+        backend = pick_backend(backend, gpu)
+        searcher = make_searcher(cent, backend=backend, approx=approx, nlist=nlist or None,
+                                 nprobe=nprobe, gpu=gpu, cand_dtype=cand_dtype)
+        chunk_rows = chunk or (65536 if getattr(searcher, "on_gpu", False) else 4096)
+        if chunk_rows < 1:
+            raise MLCDError(f"--chunk must be positive, not {chunk}")
+        curve = None
+        if target_recall is not None:
+            # every rank tunes on the same seeded sample, so all of them pick the same nprobe
+            xs, Ie = recall_sample(folder, cent, L, recall_rows)
+            nprobe, curve = tune_nprobe(searcher, xs, Ie, L, target_recall)
+            del xs, Ie
+            if info.is_main and nprobe * 4 > searcher.nlist:
+                # IVF then scans over a quarter of the centres plus its lists' overhead: measured
+                # slower than exact search at k = 100k (bench_assign, random centres)
+                print(f"mlcd assign: recall {target_recall} needs nprobe {nprobe} of nlist "
+                      f"{searcher.nlist}: expect no speed-up over exact search (drop --approx); "
+                      f"the centres have little cluster structure", file=sys.stderr)
+        base_meta = {**settings, "dim": d, "total": folder.total, "counts": {sh.name: sh.n for sh in folder.shards}}
+        if info.is_main:
+            remove_stale_tmp(out)  # left by a killed run; no rank writes before the barrier
+        if info.is_main and not same_run:
+            # written first (complete=false), so a rerun with other settings is refused, not mixed in
+            atomic_save_json(meta_path, {**base_meta, "complete": False})
+        barrier()
+        mine = store.shard_names_for_rank(folder.shards, info.rank, info.world_size)
+        todo = [sh for sh in mine if overwrite or not label_done(out, sh.name, sh.n, L)]
+        os.makedirs(out, exist_ok=True)
+        if old is not None and not same_run:
+            # --overwrite of another run's labels (other centres, embeddings or settings): none of
+            # its shards may count as finished if this run is killed before redoing it.  Under the
+            # same settings an old shard holds exactly what a redo writes, so it stays.
+            for sh in todo:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(out, f"{sh.name}.keys.npy"))
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        bar = progress(total=sum(sh.n for sh in todo), desc="assign", unit="folder")
+        # a shard's files are written in the background while the next shard is searched
+        writer = OrderedWriter(depth=1)
+        acc = LabelStats(k, L) if info.is_main and not no_stats else None
+        in_acc: set = set()
+        reader = store.prefetch(store.iter_raw_run(todo, chunk_rows))  # one read-ahead thread per run
+        try:
+            for sh in todo:
+                labels, scores = assign_shard(searcher, sh, L, chunk_rows, threshold, bar,
+                                              chunks=_shard_chunks(reader, sh, chunk_rows))
+                writer.submit(write_shard_labels, out, sh, labels, scores)
+                if acc is not None:  # stats from memory: the end of the run reads back only other shards
+                    acc.add(labels, scores, store.load_cls(sh))
+                    in_acc.add(sh.name)
+        except BaseException:
+            writer.close(wait_only=True)  # finished shards still land on disk
+            raise
+        finally:
+            reader.close()  # stops the read-ahead thread
+        writer.close()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
+        barrier()
+        result = AssignResult(out=out, k=k, topk=L, total=folder.total, shards_done=len(todo), seconds=seconds)
+        if info.is_main:
+            search = {"backend": backend, "approx": approx}
+            if approx:
+                search.update(nlist=searcher.nlist, nprobe=searcher.nprobe)
+                if curve is not None:
+                    search.update(target_recall=target_recall, nprobe_curve=curve,
+                                  recall={"recall_at_L": curve[-1]["recall_at_L"],
+                                          "top1_agreement": curve[-1]["top1_agreement"],
+                                          "sample": min(recall_rows, folder.total)})
+                else:
+                    search["recall"] = recall_at_l(folder, cent, searcher, L, recall_rows)
+            if backend == "torch":
+                search["cand_dtype"] = searcher.cand_dtype
+                search["exact_fallback_rows"] = searcher.n_fallback
+            meta = {**base_meta, "complete": True, "search": search,
+                    "seconds_rank0": seconds, "cpu_seconds_rank0": cpu_seconds,
+                    "shards_done_this_run_rank0": len(todo)}
+            if not no_stats:
+                stats, top1 = compute_stats(out, folder, k, L, acc, in_acc)
+                result.stats = stats
+                atomic_save_json(os.path.join(out, "stats.json"), stats)
+                plot_sizes(out, top1)
+            atomic_save_json(meta_path, meta)
+            result.meta = meta
+            print(f"mlcd assign: {folder.total} embeddings -> top-{L} of {k} centres ({backend}"
+                  f"{', approx' if approx else ''}) in {out}", file=sys.stderr)
+        barrier()
+        return result
 
 
 
 
-# ------------------------------------------------------------------------------------ main
+    # ------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
     """``mlcd assign``'s command line: the flags of :func:`build_parser` -> :func:`assign`."""

@@ -38,6 +38,7 @@ from clustering import store
 from mlcd_core.errors import MLCDError
 from mlcd_core.args import nonneg_int, positive_int
 from mlcd_core.io import check_out_separate, load_json, remove_stale_tmp
+from mlcd_core.lock import output_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,90 +208,91 @@ def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim
     # EMB's files and temporaries are replaced or deleted: never in a shard or model folder
     check_out_separate("--out", out, [("--shards", s) for s in sorted({os.path.dirname(s) for s in shard_paths})]
                        + [("--model", p) for p in model_paths(model, pretrained)])
-    meta_path = os.path.join(out, store.META)
-    old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
-    if old is not None:
-        store.check_meta({"dim": 1, "counts": {}, **old}, meta_path)
+    with output_lock(out, "embed"):  # one run at a time into this output (issue 15)
+        meta_path = os.path.join(out, store.META)
+        old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
+        if old is not None:
+            store.check_meta({"dim": 1, "counts": {}, **old}, meta_path)
 
-    opts = {"device": str(info.device) if device is None else device}
-    if model.startswith("open_clip:"):
-        opts["pretrained"] = pretrained
-    pca_path = os.path.join(out, "pca.npz")
-    if model == "pca":
-        opts.update(dim=dim, image_size=image_size)
-        if os.path.exists(pca_path) and not overwrite:
-            opts["projection"] = pca_path
-    embedder = get_embedder(model, **opts)
-    if (model == "pca" and "projection" in opts
-            and (embedder.dim, embedder.image_size) != (dim, image_size)):
-        raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {dim} was asked "
-                        f"(image size {embedder.image_size} vs {image_size}); use --overwrite or another --out")
-    embedder.autocast = autocast
-    if old is not None and not overwrite and (old.get("embedder") != embedder.spec
-                                                   or int(old.get("dim", -1)) != embedder.dim):
-        raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
-                        f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
-    if info.is_main and overwrite:
-        # no old shard may count as finished once this run has begun (before a refit replaces
-        # pca.npz): a run killed halfway must not leave a folder that a plain rerun would
-        # complete with rows of two models
-        for n in names:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(out, f"{n}.keys.npy"))
-    if embedder.needs_fit:
+        opts = {"device": str(info.device) if device is None else device}
+        if model.startswith("open_clip:"):
+            opts["pretrained"] = pretrained
+        pca_path = os.path.join(out, "pca.npz")
+        if model == "pca":
+            opts.update(dim=dim, image_size=image_size)
+            if os.path.exists(pca_path) and not overwrite:
+                opts["projection"] = pca_path
+        embedder = get_embedder(model, **opts)
+        if (model == "pca" and "projection" in opts
+                and (embedder.dim, embedder.image_size) != (dim, image_size)):
+            raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {dim} was asked "
+                            f"(image size {embedder.image_size} vs {image_size}); use --overwrite or another --out")
+        embedder.autocast = autocast
+        if old is not None and not overwrite and (old.get("embedder") != embedder.spec
+                                                       or int(old.get("dim", -1)) != embedder.dim):
+            raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
+                            f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
+        if info.is_main and overwrite:
+            # no old shard may count as finished once this run has begun (before a refit replaces
+            # pca.npz): a run killed halfway must not leave a folder that a plain rerun would
+            # complete with rows of two models
+            for n in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(out, f"{n}.keys.npy"))
+        if embedder.needs_fit:
+            if info.is_main:
+                fit_pca(embedder, shard_paths, pca_fit_samples, batch_size, workers)
+                embedder.save(pca_path)
+            barrier()
+            if not info.is_main:
+                embedder.load(pca_path)
+        describe = portable_identity(embedder.identity(), out)
+        if old is not None and not overwrite and old.get("embedder_info") is not None:
+            was = comparable_identity(old["embedder_info"], describe)
+            differ = store.run_difference(was, {key: describe.get(key) for key in sorted(set(was) | set(describe))})
+            if differ:
+                raise MLCDError(f"{meta_path}: {out} holds embeddings of another model under the same spec "
+                                f"{embedder.spec!r} ({differ}); use --overwrite or another --out")
         if info.is_main:
-            fit_pca(embedder, shard_paths, pca_fit_samples, batch_size, workers)
-            embedder.save(pca_path)
+            os.makedirs(out, exist_ok=True)
+            remove_stale_tmp(out)  # left by a killed run (as large as a shard); no rank writes yet
+            store.write_meta(out, embedder.spec, embedder.dim, {}, complete=False, embedder_info=describe,
+                             shards=os.path.abspath(shards) if isinstance(shards, str) else None)
         barrier()
-        if not info.is_main:
-            embedder.load(pca_path)
-    describe = portable_identity(embedder.identity(), out)
-    if old is not None and not overwrite and old.get("embedder_info") is not None:
-        was = comparable_identity(old["embedder_info"], describe)
-        differ = store.run_difference(was, {key: describe.get(key) for key in sorted(set(was) | set(describe))})
-        if differ:
-            raise MLCDError(f"{meta_path}: {out} holds embeddings of another model under the same spec "
-                            f"{embedder.spec!r} ({differ}); use --overwrite or another --out")
-    if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        remove_stale_tmp(out)  # left by a killed run (as large as a shard); no rank writes yet
-        store.write_meta(out, embedder.spec, embedder.dim, {}, complete=False, embedder_info=describe,
-                         shards=os.path.abspath(shards) if isinstance(shards, str) else None)
-    barrier()
 
-    mine = shard_paths[info.rank::info.world_size]
-    todo = [s for s in mine if overwrite or not store.shard_done(out, shard_name(s))]
-    from mlcd_core.reader import read_sizes
+        mine = shard_paths[info.rank::info.world_size]
+        todo = [s for s in mine if overwrite or not store.shard_done(out, shard_name(s))]
+        from mlcd_core.reader import read_sizes
 
-    sizes = read_sizes(todo) if todo else {}
-    group = max(1, workers)
-    t0 = time.perf_counter()
-    bar = progress(total=sum(sizes.values()) or None, desc=f"embed {embedder.spec}", unit="img")
-    done = 0
-    for g in range(0, len(todo), group):
-        counts = embed_group(embedder, todo[g: g + group], out, batch_size, workers, bar)
-        done += sum(counts.values())
-    bar.close()
-    seconds = time.perf_counter() - t0
-    barrier()
-    result = EmbedResult(out=out, spec=embedder.spec, dim=embedder.dim, shards=len(names), shards_done=len(todo),
-                         images_done=done, seconds=seconds)
-    if info.is_main:
-        counts = {}
-        for n in names:
-            if not store.shard_done(out, n):
-                raise MLCDError(f"{os.path.join(out, n + '.npy')}: shard {n} was not embedded (a rank failed?)")
-            counts[n] = store.npy_info(os.path.join(out, f"{n}.npy")).shape[0]
-        store.write_meta(out, embedder.spec, embedder.dim, counts, complete=True, embedder_info=describe,
-                         shards=os.path.abspath(shards) if isinstance(shards, str) else None,
-                         seconds_rank0=seconds, images_rank0=done, shards_done_this_run_rank0=len(todo),
-                         world_size=info.world_size)
-        result.counts = counts
-        print(f"mlcd embed: {sum(counts.values())} images in {len(names)} shards -> {out} "
-              f"({embedder.spec}, dim {embedder.dim}; {len(todo)} shards embedded on rank 0, "
-              f"{done / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
-    barrier()
-    return result
+        sizes = read_sizes(todo) if todo else {}
+        group = max(1, workers)
+        t0 = time.perf_counter()
+        bar = progress(total=sum(sizes.values()) or None, desc=f"embed {embedder.spec}", unit="img")
+        done = 0
+        for g in range(0, len(todo), group):
+            counts = embed_group(embedder, todo[g: g + group], out, batch_size, workers, bar)
+            done += sum(counts.values())
+        bar.close()
+        seconds = time.perf_counter() - t0
+        barrier()
+        result = EmbedResult(out=out, spec=embedder.spec, dim=embedder.dim, shards=len(names), shards_done=len(todo),
+                             images_done=done, seconds=seconds)
+        if info.is_main:
+            counts = {}
+            for n in names:
+                if not store.shard_done(out, n):
+                    raise MLCDError(f"{os.path.join(out, n + '.npy')}: shard {n} was not embedded (a rank failed?)")
+                counts[n] = store.npy_info(os.path.join(out, f"{n}.npy")).shape[0]
+            store.write_meta(out, embedder.spec, embedder.dim, counts, complete=True, embedder_info=describe,
+                             shards=os.path.abspath(shards) if isinstance(shards, str) else None,
+                             seconds_rank0=seconds, images_rank0=done, shards_done_this_run_rank0=len(todo),
+                             world_size=info.world_size)
+            result.counts = counts
+            print(f"mlcd embed: {sum(counts.values())} images in {len(names)} shards -> {out} "
+                  f"({embedder.spec}, dim {embedder.dim}; {len(todo)} shards embedded on rank 0, "
+                  f"{done / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
+        barrier()
+        return result
 
 
 

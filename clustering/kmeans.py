@@ -57,6 +57,7 @@ from clustering.search import TorchSearcher, faiss_has_gpu, pick_backend
 from mlcd_core.errors import MLCDError
 from mlcd_core.args import nonneg_int, positive_int
 from mlcd_core.io import atomic_save_json, atomic_save_npy, check_out_separate, load_json
+from mlcd_core.lock import output_lock
 
 DEFAULT_TWO_LEVEL_ABOVE = 65536
 
@@ -446,56 +447,57 @@ def cluster_folder(emb: str, k: int, out: str, *, niter: int = 20, seed: int = 0
     _set_threads(threads)
     # CL/meta.json is replaced: never EMB's own meta.json
     check_out_separate("--out", out, [("--emb", emb)])
-    info = init_distributed(device="cuda" if gpu else None)
-    out_c = os.path.join(out, "centroids.npy")
-    out_m = os.path.join(out, "meta.json")
-    folder = store.open_emb(emb, expect_embedder=embedder)
-    if os.path.exists(out_c) and os.path.exists(out_m) and not overwrite:
-        # finished before: nothing to do if it was this run, a clear error if another
-        old = load_json(out_m, expect=dict)
-        asked = {"k": k, "emb": store.resolve(emb), "embedder": folder.embedder, "seed": seed,
-                 "init": init, "niter": niter, "max_points_per_centroid": max_points_per_centroid,
-                 "embedder_info": folder.meta.get("embedder_info")}
-        if method != "auto":
-            asked["method"] = method
-        differ = store.run_difference(old, asked, only_recorded=True)
-        if differ:
-            raise MLCDError(f"{out_m}: {out} holds centres of another run ({differ}); "
-                            f"use --overwrite or another --out")
+    with output_lock(out, "cluster"):  # one run at a time into this output (issue 15)
+        info = init_distributed(device="cuda" if gpu else None)
+        out_c = os.path.join(out, "centroids.npy")
+        out_m = os.path.join(out, "meta.json")
+        folder = store.open_emb(emb, expect_embedder=embedder)
+        if os.path.exists(out_c) and os.path.exists(out_m) and not overwrite:
+            # finished before: nothing to do if it was this run, a clear error if another
+            old = load_json(out_m, expect=dict)
+            asked = {"k": k, "emb": store.resolve(emb), "embedder": folder.embedder, "seed": seed,
+                     "init": init, "niter": niter, "max_points_per_centroid": max_points_per_centroid,
+                     "embedder_info": folder.meta.get("embedder_info")}
+            if method != "auto":
+                asked["method"] = method
+            differ = store.run_difference(old, asked, only_recorded=True)
+            if differ:
+                raise MLCDError(f"{out_m}: {out} holds centres of another run ({differ}); "
+                                f"use --overwrite or another --out")
+            if info.is_main:
+                print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
+            return None
+        n_total = folder.total
+        if k > n_total:
+            raise MLCDError(f"{os.path.join(emb, store.META)}: k={k} is larger than the number of "
+                            f"embeddings ({n_total})")
+        method = _resolve_method(method, k, info.world_size, two_level_above)
+        backend = "torch" if method == "distributed" else pick_backend(backend, gpu)
+        res = _fit(lambda rows: store.gather(folder, rows), n_total, k, niter=niter, seed=seed, init=init,
+                   init_sample=init_sample, max_points_per_centroid=max_points_per_centroid, method=method,
+                   backend=backend, gpu=gpu, rank=info.rank, world_size=info.world_size, device=info.device)
         if info.is_main:
-            print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
-        return None
-    n_total = folder.total
-    if k > n_total:
-        raise MLCDError(f"{os.path.join(emb, store.META)}: k={k} is larger than the number of "
-                        f"embeddings ({n_total})")
-    method = _resolve_method(method, k, info.world_size, two_level_above)
-    backend = "torch" if method == "distributed" else pick_backend(backend, gpu)
-    res = _fit(lambda rows: store.gather(folder, rows), n_total, k, niter=niter, seed=seed, init=init,
-               init_sample=init_sample, max_points_per_centroid=max_points_per_centroid, method=method,
-               backend=backend, gpu=gpu, rank=info.rank, world_size=info.world_size, device=info.device)
-    if info.is_main:
-        res.meta = {"k": k, "d": folder.dim, "n_total": n_total, "n_train": res.n_train,
-                    "subsampled": res.n_train < n_total, "max_points_per_centroid": max_points_per_centroid,
-                    "method": method, "backend": backend, "seed": seed, "init": init,
-                    "niter": niter, "iterations": res.iterations, "objective": res.objective,
-                    "imbalance": res.imbalance, "nsplit": res.nsplit,
-                    "seconds": res.seconds, "threads": threads or None, "embedder": folder.embedder,
-                    "embedder_info": folder.meta.get("embedder_info"), "emb": store.resolve(emb), **res.info}
-        # meta.json goes first and comes back last: killed between the two writes, the folder
-        # has no meta.json, so a rerun redoes it instead of pairing new centres with old meta
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(out_m)
-        atomic_save_npy(out_c, res.centroids)
-        atomic_save_json(out_m, res.meta)
-        res.path = out_c
-        print(f"mlcd cluster: {k} centres from {res.n_train}/{n_total} points, {method}/{backend}, "
-              f"{res.iterations} iterations, {res.seconds:.1f}s -> {out_c}", file=sys.stderr)
-    barrier()
-    return res
+            res.meta = {"k": k, "d": folder.dim, "n_total": n_total, "n_train": res.n_train,
+                        "subsampled": res.n_train < n_total, "max_points_per_centroid": max_points_per_centroid,
+                        "method": method, "backend": backend, "seed": seed, "init": init,
+                        "niter": niter, "iterations": res.iterations, "objective": res.objective,
+                        "imbalance": res.imbalance, "nsplit": res.nsplit,
+                        "seconds": res.seconds, "threads": threads or None, "embedder": folder.embedder,
+                        "embedder_info": folder.meta.get("embedder_info"), "emb": store.resolve(emb), **res.info}
+            # meta.json goes first and comes back last: killed between the two writes, the folder
+            # has no meta.json, so a rerun redoes it instead of pairing new centres with old meta
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out_m)
+            atomic_save_npy(out_c, res.centroids)
+            atomic_save_json(out_m, res.meta)
+            res.path = out_c
+            print(f"mlcd cluster: {k} centres from {res.n_train}/{n_total} points, {method}/{backend}, "
+                  f"{res.iterations} iterations, {res.seconds:.1f}s -> {out_c}", file=sys.stderr)
+        barrier()
+        return res
 
 
-# ------------------------------------------------------------------------------------- main
+    # ------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     """``mlcd cluster``'s command line: the flags of :func:`build_parser` -> :func:`cluster_folder`."""

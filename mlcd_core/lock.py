@@ -69,6 +69,7 @@ class Lock:
     holder: dict = field(default_factory=dict)
     _fd: Optional[int] = None
     _set_env: bool = False
+    _made_dir: bool = False  # the output folder did not exist before: removed on release if left empty
 
 
 def lock_path(target: str | os.PathLike, beside: bool = False) -> Path:
@@ -268,10 +269,12 @@ def acquire(target: str | os.PathLike, stage: str, *, beside: bool = False,
     target = Path(os.path.abspath(os.path.expanduser(os.fspath(target))))
     path = lock_path(target, beside)
     folder = path.parent
+    made = False
     try:
         if not beside:
             if target.exists() and not target.is_dir():
                 raise MLCDError(f"{target}: exists and is not a folder; the output must be a folder")
+            made = not target.exists()
             target.mkdir(parents=True, exist_ok=True)
         elif not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
@@ -288,7 +291,7 @@ def acquire(target: str | os.PathLike, stage: str, *, beside: bool = False,
     for _ in range(20):
         fd = _create_or_fail(target, path, me)
         if fd is not None:
-            return _owned(path, me, fd, key)
+            return _owned(path, me, fd, key, made)
         holder = _read_holder(path)
         if holder is None:
             continue  # released meanwhile: try again
@@ -312,7 +315,7 @@ def acquire(target: str | os.PathLike, stage: str, *, beside: bool = False,
             # over at the same time cannot delete ours (its inode check above fails)
             fd = _create_or_fail(target, path, me)
             if fd is not None:
-                return _owned(path, me, fd, key)
+                return _owned(path, me, fd, key, made)
         finally:
             os.close(probe)
     raise LockHeld(f"{target}: could not take the lock {path} (it kept changing hands); try again")
@@ -326,8 +329,9 @@ def _create_or_fail(target: Path, path: Path, me: dict) -> Optional[int]:
                         "writable?") from None
 
 
-def _owned(path: Path, me: dict, fd: int, key: str) -> Lock:
+def _owned(path: Path, me: dict, fd: int, key: str, made: bool = False) -> Lock:
     lock = Lock(path, True, me, fd)
+    lock._made_dir = made
     if not os.environ.get(RUN_KEY_VAR):
         os.environ[RUN_KEY_VAR] = key  # children of this run (a pipeline's stages) share its locks
         lock._set_env = True
@@ -356,13 +360,18 @@ def _join(target: Path, path: Path, key: str) -> Lock:
 
 
 def release(lock: Lock) -> None:
-    """Delete the lock file if this process created it (and it is still ours)."""
+    """Delete the lock file if this process created it (and it is still ours), and the output
+    folder too if taking the lock created it and the run left it empty (a run refused by its
+    own checks leaves no trace)."""
     if not lock.owner or lock._fd is None:
         return
     try:
         if _same_file(lock._fd, lock.path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock.path)
+            if lock._made_dir:
+                with contextlib.suppress(OSError):  # not empty: the run's output stays
+                    os.rmdir(lock.path.parent)
     finally:
         with contextlib.suppress(OSError):
             os.close(lock._fd)

@@ -636,8 +636,13 @@ def run_pipeline(config: str | os.PathLike, out: str | os.PathLike | None = None
     ``out`` (or ``out`` given here), round after round; a rerun resumes.  Returns the
     :class:`Pipeline` (its ``rows``, ``probes``, ``out``) and the summary written to
     ``OUT/summary.json``.  Bad input is an :class:`~mlcd_core.errors.MLCDError`."""
+    from mlcd_core.lock import output_lock
+
     pipe = Pipeline(load(config, None if out is None else str(out)), quiet_train=quiet_train)
-    return pipe, pipe.run()
+    # one pipeline per folder; its stages (in this process or its children) share the lock's
+    # run key, so their own locks on the folders inside never refuse them (issue 15)
+    with output_lock(pipe.out, "pipeline"):
+        return pipe, pipe.run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,3 +251,84 @@ def test_rank_gives_up_when_rank_0_never_locks(tmp_path, monkeypatch):
     with pytest.raises(LockHeld, match="rank 0 did not take the lock"):
         with output_lock(tmp_path / "out", "train"):
             pass
+
+
+# ------------------------------------------------------------------ the stages take it
+def _mlcd(*argv, **popen):
+    return subprocess.Popen([sys.executable, "-m", "mlcd_train.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env(OMP_NUM_THREADS="1", MLCD_QUIET="1"),
+                            cwd=ROOT, **popen)
+
+
+@pytest.mark.slow
+def test_two_train_runs_into_one_output_dir(tmp_path):
+    """The issue's instance: two `mlcd train` with the same output_dir both exited 0 and one's
+    checkpoints were lost.  Now the second stops at once, naming the first."""
+    import signal
+
+    from tests.test_train import TINY
+
+    out = tmp_path / "run"
+    cfg = [f"output_dir={out}", "data.synthetic=true", "loss.num_classes=32", "loss.l=2", *TINY[:2],
+           "train.global_batch_size=4", "train.log_every=1", "optim.warmup_steps=0", "train.save_every=1000"]
+    first = _mlcd("train", *cfg, "train.steps=100000")
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.2)
+        holder = json.loads((out / LOCK_NAME).read_text())
+        assert holder["pid"] == first.pid and holder["stage"] == "train"
+        second = _mlcd("train", *cfg, "train.steps=5")
+        _, err = second.communicate(timeout=240)
+        assert second.returncode == 2, err[-2000:]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mlcd train: error:"), err
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and "output_dir=" in err and "since" in err
+        assert first.poll() is None  # the first run goes on
+        first.send_signal(signal.SIGUSR1)  # save at the next step and exit 0
+        _, err1 = first.communicate(timeout=240)
+        assert first.returncode == 0, err1[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (out / LOCK_NAME).exists()  # released on the normal exit
+    assert list((out / "checkpoints").glob("step_*/meta.json"))  # the first run's checkpoint is whole
+
+
+@pytest.mark.slow
+def test_lock_released_after_a_stage_fails_and_stale_lock_of_a_killed_stage(tmp_path):
+    emb = tmp_path / "emb"
+    from tests.test_hostile import _emb
+
+    _emb(emb)
+    out = tmp_path / "cl"
+    # a stage that fails after taking the lock (k larger than the rows): status 2, lock gone
+    p = _mlcd("cluster", "--emb", str(emb), "--k", "100000", "--out", str(out), "--threads", "1")
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 2 and "error:" in err, err
+    assert out.is_dir() and not (out / LOCK_NAME).exists()
+    # a stage killed with SIGKILL leaves its lock; the next run takes it over with a notice
+    write_lock(out, pid=dead_pid(), argv=["mlcd", "cluster", "--out", str(out)], run="proc:killed")
+    p = _mlcd("cluster", "--emb", str(emb), "--k", "4", "--out", str(out), "--threads", "1", "--niter", "1")
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert "taking over a stale lock" in err and (out / "centroids.npy").exists()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_folder_created_by_the_lock_is_removed_if_left_empty(tmp_path):
+    with pytest.raises(MLCDError):
+        with output_lock(tmp_path / "new", "test"):
+            assert (tmp_path / "new").is_dir()
+            raise MLCDError("refused by the stage's own checks")
+    assert not (tmp_path / "new").exists()
+    with output_lock(tmp_path / "kept", "test"):
+        (tmp_path / "kept" / "x").write_text("output")
+    assert (tmp_path / "kept" / "x").exists()
+    (tmp_path / "old").mkdir()
+    with output_lock(tmp_path / "old", "test"):
+        pass
+    assert (tmp_path / "old").is_dir()  # it existed before: left alone

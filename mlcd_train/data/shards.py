@@ -63,6 +63,7 @@ from mlcd_core.errors import MLCDError
 from mlcd_core.args import nonneg_int, positive_int
 from mlcd_core.io import (UnsafeFile, atomic_open, atomic_save_json, check_name, check_out_separate, inside,
                                  json_field, load_json, open_regular, read_regular, remove_stale_tmp)
+from mlcd_core.lock import output_lock
 from mlcd_core.progress import progress
 
 #: file extensions treated as images when reading a folder or a list file
@@ -579,99 +580,100 @@ def write_shards(args) -> dict:
     # an input is read from (a folder input: nor anywhere below it, it is read recursively)
     check_out_separate("--out", out, [("--input", path), ("--classes", getattr(args, "classes", None))],
                        recursive=("--input",) if fmt == "folder" else ())
-    given = load_classes(args.classes) if getattr(args, "classes", None) else None
-    listing_skipped: list[dict] = []
-    list_root = getattr(args, "list_root", None)
-    items, names = collect_items(fmt, path, names, listing_skipped, given,
-                                 Path(list_root).expanduser() if list_root else None)
-    if not items:
-        raise MLCDError(f"{path}: no image files found" + (
-            f" ({len(listing_skipped)} other files, e.g. {listing_skipped[0]['path']})" if listing_skipped else ""))
-    if args.order == "shuffled":
-        perm = np.random.default_rng(args.seed).permutation(len(items))
-        items = [items[i] for i in perm]
+    with output_lock(out, "shards"):  # one run at a time into this output (issue 15)
+        given = load_classes(args.classes) if getattr(args, "classes", None) else None
+        listing_skipped: list[dict] = []
+        list_root = getattr(args, "list_root", None)
+        items, names = collect_items(fmt, path, names, listing_skipped, given,
+                                     Path(list_root).expanduser() if list_root else None)
+        if not items:
+            raise MLCDError(f"{path}: no image files found" + (
+                f" ({len(listing_skipped)} other files, e.g. {listing_skipped[0]['path']})" if listing_skipped else ""))
+        if args.order == "shuffled":
+            perm = np.random.default_rng(args.seed).permutation(len(items))
+            items = [items[i] for i in perm]
 
-    if (out / "sizes.json").exists() and not args.overwrite:
-        raise MLCDError(f"{out}: already holds shards (sizes.json); pass --overwrite to replace them")
-    sig = _signature(args, fmt, path, items)
-    done, skipped, start = [], list(listing_skipped), 0
-    progress_path = out / PROGRESS_FILE
-    if progress_path.exists() and not (out / "sizes.json").exists():
-        state = _read_progress(progress_path, args.prefix)
-        if state.get("signature") == sig and all((out / d["name"]).is_file() for d in state["shards"]):
-            done, skipped = state["shards"], state["skipped"]
-            start = done[-1]["consumed"] if done else 0
-            print(f"mlcd shards: resuming after {len(done)} complete shards ({start} inputs done)", file=sys.stderr)
-    if not done and not args.overwrite and any(out.glob(f"{args.prefix}-*.tar")):
-        raise MLCDError(f"{out}: holds {args.prefix}-*.tar shards of another or unfinished run; "
-                        "pass --overwrite to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out)
-    cleared = False
+        if (out / "sizes.json").exists() and not args.overwrite:
+            raise MLCDError(f"{out}: already holds shards (sizes.json); pass --overwrite to replace them")
+        sig = _signature(args, fmt, path, items)
+        done, skipped, start = [], list(listing_skipped), 0
+        progress_path = out / PROGRESS_FILE
+        if progress_path.exists() and not (out / "sizes.json").exists():
+            state = _read_progress(progress_path, args.prefix)
+            if state.get("signature") == sig and all((out / d["name"]).is_file() for d in state["shards"]):
+                done, skipped = state["shards"], state["skipped"]
+                start = done[-1]["consumed"] if done else 0
+                print(f"mlcd shards: resuming after {len(done)} complete shards ({start} inputs done)", file=sys.stderr)
+        if not done and not args.overwrite and any(out.glob(f"{args.prefix}-*.tar")):
+            raise MLCDError(f"{out}: holds {args.prefix}-*.tar shards of another or unfinished run; "
+                            "pass --overwrite to replace them")
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out)
+        cleared = False
 
-    def clear_earlier_run():
-        # before the first shard is written: the earlier run's metadata, sizes.json first (it
-        # marks a complete folder), and its other shards, so that an interrupted --overwrite
-        # never leaves a folder that looks complete or mixes two runs
-        nonlocal cleared
-        if not cleared:
-            for meta in ("sizes.json", "skipped.json", "classes.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    (out / meta).unlink()
-            _remove_old_shards(out, args.prefix, {d["name"] for d in done})
-            cleared = True
+        def clear_earlier_run():
+            # before the first shard is written: the earlier run's metadata, sizes.json first (it
+            # marks a complete folder), and its other shards, so that an interrupted --overwrite
+            # never leaves a folder that looks complete or mixes two runs
+            nonlocal cleared
+            if not cleared:
+                for meta in ("sizes.json", "skipped.json", "classes.json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / meta).unlink()
+                _remove_old_shards(out, args.prefix, {d["name"] for d in done})
+                cleared = True
 
-    pending_skips: list[dict] = []
-    consumed = start
+        pending_skips: list[dict] = []
+        consumed = start
 
-    def shard_done(name, count):
-        done.append({"name": name, "count": count, "consumed": consumed})
-        skipped.extend(pending_skips)
-        pending_skips.clear()
-        atomic_save_json(progress_path, {"signature": sig, "shards": done, "skipped": skipped})
+        def shard_done(name, count):
+            done.append({"name": name, "count": count, "consumed": consumed})
+            skipped.extend(pending_skips)
+            pending_skips.clear()
+            atomic_save_json(progress_path, {"signature": sig, "shards": done, "skipped": skipped})
 
-    sink = _ShardSink(out, args.prefix, args.shard_size, args.max_bytes, start_shard=len(done),
-                      on_shard_done=shard_done)
-    try:
-        for item in progress(items[start:], total=len(items) - start, desc="shards", unit="img"):
-            try:
-                ext, data = item.load()
-                real = check_image(data)
-                ext = FORMAT_EXT.get(real, ext or "img")
-            except _Skip as exc:
-                pending_skips.append({"path": item.source, "reason": str(exc)})
+        sink = _ShardSink(out, args.prefix, args.shard_size, args.max_bytes, start_shard=len(done),
+                          on_shard_done=shard_done)
+        try:
+            for item in progress(items[start:], total=len(items) - start, desc="shards", unit="img"):
+                try:
+                    ext, data = item.load()
+                    real = check_image(data)
+                    ext = FORMAT_EXT.get(real, ext or "img")
+                except _Skip as exc:
+                    pending_skips.append({"path": item.source, "reason": str(exc)})
+                    consumed += 1
+                    continue
+                sample = {"__key__": item.key, ext: data}
+                if item.cls is not None:
+                    sample["cls"] = str(item.cls).encode("ascii")
+                # the item is counted as consumed before the write so that a shard closed by
+                # this write records the inputs it holds, not this one
+                clear_earlier_run()
+                sink.write(sample, len(data) + 1024)
                 consumed += 1
-                continue
-            sample = {"__key__": item.key, ext: data}
-            if item.cls is not None:
-                sample["cls"] = str(item.cls).encode("ascii")
-            # the item is counted as consumed before the write so that a shard closed by
-            # this write records the inputs it holds, not this one
-            clear_earlier_run()
-            sink.write(sample, len(data) + 1024)
-            consumed += 1
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    skipped.extend(pending_skips)
-    n_written = sum(d["count"] for d in done)
-    if n_written == 0:
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        skipped.extend(pending_skips)
+        n_written = sum(d["count"] for d in done)
+        if n_written == 0:
+            with contextlib.suppress(FileNotFoundError):
+                progress_path.unlink()
+            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+            raise MLCDError(f"{path}: no valid image among {len(items)} inputs ({reasons}"
+                            + (", ..." if len(skipped) > 5 else "") + ")")
+
+        clear_earlier_run()
+        atomic_save_json(out / "skipped.json", skipped)
+        if names:
+            atomic_save_json(out / "classes.json", {str(k): v for k, v in sorted(names.items())})
+        sizes = {d["name"]: d["count"] for d in done}
+        atomic_save_json(out / "sizes.json", sizes)
         with contextlib.suppress(FileNotFoundError):
             progress_path.unlink()
-        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
-        raise MLCDError(f"{path}: no valid image among {len(items)} inputs ({reasons}"
-                        + (", ..." if len(skipped) > 5 else "") + ")")
-
-    clear_earlier_run()
-    atomic_save_json(out / "skipped.json", skipped)
-    if names:
-        atomic_save_json(out / "classes.json", {str(k): v for k, v in sorted(names.items())})
-    sizes = {d["name"]: d["count"] for d in done}
-    atomic_save_json(out / "sizes.json", sizes)
-    with contextlib.suppress(FileNotFoundError):
-        progress_path.unlink()
-    return {"out": str(out), "shards": len(sizes), "samples": n_written, "skipped": skipped}
+        return {"out": str(out), "shards": len(sizes), "samples": n_written, "skipped": skipped}
 
 
 def build_parser() -> argparse.ArgumentParser:
