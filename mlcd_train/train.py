@@ -199,13 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(C.to_yaml(cfg), end="")
         return 0
-    info = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
-    try:
-        return Trainer(cfg, info).run()
-    finally:
-        from mlcd_train.utils.dist import cleanup
+    from mlcd_core.lock import output_lock
 
-        cleanup()
+    # one run per output_dir (issue 15): a second run into it stops at once, naming this one;
+    # the ranks of this run share the lock (rank 0 holds it)
+    with output_lock(cfg.output_dir, "train") if cfg.output_dir else nullcontext():
+        info = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+        try:
+            return Trainer(cfg, info).run()
+        finally:
+            from mlcd_train.utils.dist import cleanup
+
+            cleanup()
 
 
 def autocast_context(precision: str, device: torch.device):
