@@ -180,3 +180,42 @@ def test_transparent_pixels_become_white():
     rgb, _ = decode_record({"png": _png(p)})
     assert (np.asarray(rgb) == 255).all()
     assert to_rgb8(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+
+
+# ------------------------------------------------------------------ safe loads of teachers
+def test_teacher_weights_never_unpickled_and_never_half_random(tmp_path):
+    """hf: safetensors only, every key found (transformers would fill a missing one with random
+    numbers and only warn); open_clip: its checkpoint through torch.load(weights_only=True)."""
+    import open_clip
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from clustering.embedders import get_embedder
+    from tests.test_embed import TINY_OPEN_CLIP
+
+    torch.manual_seed(0)
+    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=32, patch_size=8))
+    hf.save_pretrained(tmp_path / "hf")
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    save_file({k: v for k, v in w.items() if "post_layernorm" not in k}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(MLCDError, match="post_layernorm.*random"):
+        get_embedder(f"hf:{tmp_path / 'hf'}", device="cpu")
+    os.unlink(tmp_path / "hf" / "model.safetensors")
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")  # a pickle: not read
+    with pytest.raises(MLCDError, match="safetensors"):
+        get_embedder(f"hf:{tmp_path / 'hf'}", device="cpu")
+
+    cfg = tmp_path / "tiny-clip.json"
+    cfg.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(cfg))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    model = open_clip.create_model("tiny-clip")
+    torch.save({"state_dict": model.state_dict(), "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(MLCDError, match="evil.pt.*could run code"):
+        get_embedder(f"open_clip:{cfg}", pretrained=str(tmp_path / "evil.pt"), device="cpu")
+    assert not (tmp_path / "pwned").exists()

@@ -29,9 +29,18 @@ class HFEmbedder(Embedder):
         if cls is None:
             cls = transformers.AutoModel
         try:
-            model = cls.from_pretrained(path, local_files_only=True)
+            # safetensors only (a pickled pytorch_model.bin could run code), and every key used:
+            # transformers fills a key it does not find with random weights and only warns (a
+            # folder written without the vision_model. prefix, read by transformers 4.x)
+            model, info = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                              output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise MLCDError(f"{path}: cannot load the model ({exc})") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MLCDError(f"{path}: cannot load the model with safetensors weights ({first[:300]})") from None
+        missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
+        if missing:
+            raise MLCDError(f"{path}: transformers {transformers.__version__} finds no weights for {missing[:4]} "
+                            f"in this folder (they would be random); was it written for another layout?")
         self.model = model.eval().to(self.device)
         vcfg = getattr(cfg, "vision_config", cfg)
         size = int(getattr(vcfg, "image_size", 224))

@@ -8,6 +8,7 @@ stem.  ``pretrained`` is an open_clip tag (downloads: not offline) or a local ch
 from __future__ import annotations
 
 import os
+import pickle
 
 from clustering.embedders import Embedder
 from mlcd_core.errors import MLCDError
@@ -29,7 +30,12 @@ class OpenClipEmbedder(Embedder):
         if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
             raise MLCDError(f"{pretrained}: open_clip checkpoint not found")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+            model, _, preprocess = open_clip.create_model_and_transforms(  # torch.load(weights_only=True)
+                model_name, pretrained=pretrained or None, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise MLCDError(f"{pretrained}: open_clip checkpoint holds more than tensors and plain values; refused, "
+                            f"as loading it could run code (weights_only=True: {str(exc).splitlines()[0][:160]})"
+                            ) from None
         except (RuntimeError, ValueError, KeyError) as exc:
             raise MLCDError(f"open_clip:{name} (pretrained {pretrained}): cannot build the model: {exc}") from None
         self.model = model.visual.eval().to(self.device)
