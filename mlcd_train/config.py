@@ -79,6 +79,8 @@ class DataConfig:
     check_keys_shards: int = 1          # shards whose keys are checked against the labels before step 1
     synthetic: bool = False             # in-memory random images and labels (benchmarks, smoke tests)
     synthetic_batches: int = 8          # distinct in-memory batches cycled through when synthetic
+    sources: list = field(default_factory=list)  # several sources instead of shards/labels:
+    # [{shards: S, labels: L, weight: w}, ...]; each sample drawn from one with probability ~ weight
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -112,7 +114,7 @@ class OptimConfig:
     pfc_weight_decay: Optional[float] = None  # None: weight_decay
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    fused: Optional[bool] = None        # None: fused AdamW when on CUDA
+    fused: Optional[bool] = None        # None: fused AdamW (CUDA and CPU)
     clip_grad_norm: float = 5.0         # max L2 norm of the backbone gradient; 0 disables
     warmup_steps: int = 2000            # linear warm-up from 0
     schedule: str = "cosine"            # cosine | constant (after warm-up)
@@ -133,6 +135,10 @@ class TrainConfig:
     parallel: str = "ddp"               # ddp | fsdp (FSDP2: sharded backbone + DCP checkpoints; trainer/parallel.py)
     async_save: bool = False            # fsdp: write checkpoints in the background (dcp.async_save)
     accum_steps: int = 1                # micro-batches per optimiser step (exactly one step at the full batch)
+    stop_check_every: int = 10          # steps between the ranks' agreement on a stop signal / non-finite run
+    # (also on log and save steps); the steps between read nothing back from the device
+    peak_flops: Optional[float] = None  # FLOP/s of one device for MFU; None: a table of known GPUs, else n/a
+    wandb: Optional[str] = None         # a wandb project to log to as well (needs the wandb package)
 
 
 @dataclass
@@ -471,14 +477,31 @@ def validate(cfg: Config, world_size: int = 1, labels_meta: dict | None = None) 
           f"must be in [0, 1), got {cfg.model.drop_path}")
     if lo.name in LOSSES and LOSSES[lo.name].single_positive:
         _need(lo.l == 1, "loss.l", f"the {lo.name} loss uses one positive per image: set loss.l=1 (got {lo.l})")
+    _need(t.stop_check_every >= 1, "train.stop_check_every", f"must be at least 1, got {t.stop_check_every}")
+    _need(t.peak_flops is None or (math.isfinite(t.peak_flops) and t.peak_flops > 0), "train.peak_flops",
+          f"must be a positive number of FLOP/s, got {t.peak_flops}")
+    _need(t.wandb is None or bool(str(t.wandb).strip()), "train.wandb", "empty project name")
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _need(isinstance(src, dict) and bool(src.get("shards")) and bool(src.get("labels")), "data.sources",
+              f"{key}: expected a mapping with shards, labels and weight, got {src!r}")
+        extra = sorted(set(src) - {"shards", "labels", "weight"})
+        _need(not extra, "data.sources", f"{key}: unknown key {extra[0] if extra else ''!r} "
+              "(expected shards, labels, weight)")
+        wt = src.get("weight", 1.0)
+        _need(isinstance(wt, (int, float)) and not isinstance(wt, bool) and math.isfinite(wt) and wt > 0,
+              "data.sources", f"{key}: weight must be a positive number, got {wt!r}")
+    if d.sources:
+        _need(not d.shards and not d.labels, "data.sources",
+              "give either data.sources or data.shards + data.labels, not both")
     if d.synthetic:
         _need(lo.num_classes is not None, "loss.num_classes", "required with data.synthetic=true")
-    else:
+    elif not d.sources:
         _need(bool(d.shards), "data.shards", "required (a shard folder written by `mlcd shards`) "
               "unless data.synthetic=true")
         _need(bool(d.labels), "data.labels", "required (the label folder written by `mlcd assign`)")
     if labels_meta is not None:
-        where = f"{d.labels}/meta.json"
+        where = f"{d.labels or d.sources[0]['labels']}/meta.json"
         k, width = labels_meta.get("k"), labels_meta.get("topk")
         if k is None or width is None:
             raise MLCDError(f"{where}: needs 'k' and 'topk'")

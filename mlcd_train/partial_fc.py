@@ -588,6 +588,11 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             return loss
         st = self.state[p]
         names = ("step",) + self.row_state_names()
+        # found_inf (a device tensor, set by the trainer as torch's fused AdamW takes it): when
+        # non-zero every row keeps its weights and state, decided without a host read
+        skip = getattr(self, "found_inf", None)
+        if skip is not None and index is None:
+            index = torch.arange(p.shape[0], device=p.device)
         n = p.shape[0] if index is None else index.numel()
         for r0 in range(0, n, self.rows_per_chunk):
             r1 = min(n, r0 + self.rows_per_chunk)
@@ -597,6 +602,10 @@ class PartialFCOptimizer(torch.optim.Optimizer):
                 rows = index[r0:r1]
                 pr, sr = p[rows], {k: st[k][rows] for k in names}
                 self._update(group, pr, p.grad[rows], sr)
+                if skip is not None:
+                    keep = skip.to(p.device) > 0
+                    pr = torch.where(keep, p[rows], pr)
+                    sr = {k: torch.where(keep, st[k][rows], v) for k, v in sr.items()}
                 p.index_copy_(0, rows, pr)
                 for k in names:
                     st[k].index_copy_(0, rows, sr[k])

@@ -19,18 +19,26 @@ Faults:
   very same data order, augmentation and negative sampling as an uninterrupted run (all are
   functions of (seed, rank, step / stream position)), so the weights match.  Resuming with
   another number of ranks re-splits the class centres; the data order then differs.
-- SIGTERM / SIGUSR1: the flag is agreed between ranks (all-reduce, max) at the next step
-  boundary, every rank saves that step and the run exits with status 0.
-- Non-finite loss or gradient norm: the optimiser step is skipped (the data and the
-  schedule move on), counted in ``skipped_steps``; after ``train.max_nonfinite_steps``
-  in a row the run stops with an error (the last checkpoint is intact).
+- SIGTERM / SIGUSR1: the flag is agreed between ranks (all-reduce, max) at the next sync
+  point (log, save and eval steps, and every ``train.stop_check_every`` steps; one process
+  reads it at every step), every rank saves that step and the run exits with status 0.
+- Non-finite loss or gradient norm: the optimiser step is skipped on the device (a flag, no
+  host read; the data and the schedule move on), counted in ``skipped_steps``; when a sync
+  point sees ``train.max_nonfinite_steps`` in a row the run stops with an error (the last
+  checkpoint is intact).  Between sync points a step reads nothing back from the device
+  (trainer/step.py).
 - Corrupt samples are skipped by the reader and counted (``corrupt_samples``); when more
   than ``data.max_corrupt_fraction`` of the records a loader worker read are corrupt the run
   stops with an error naming the shard.
 
-Logs: ``OUT/metrics.jsonl`` (step, loss, lr, img_per_s, data_wait, grad_norm, ...),
-tensorboard scalars in ``OUT/tb``, a progress bar on rank 0; ``OUT/config.yaml`` is the
-resolved config.
+Data: ``data.shards`` + ``data.labels``, or ``data.sources`` (several, each sample drawn from
+one with probability proportional to its ``weight``; their labels must come from the same
+centres).  The loader's position is part of every checkpoint (TrainStream.state_dict).
+
+Logs (trainer/metrics.py): ``OUT/metrics.jsonl`` (step, loss, lr, img_per_s, data_wait,
+grad_norm, tflops_per_device, mfu, peak_mem_gib, ...), tensorboard scalars in ``OUT/tb``,
+wandb with ``train.wandb=PROJECT`` (run id kept in ``OUT/wandb_run_id``), a progress bar on
+rank 0; ``OUT/config.yaml`` is the resolved config.
 """
 from __future__ import annotations
 
@@ -49,8 +57,10 @@ import torch.distributed as dist
 
 from mlcd_train import config as C
 from mlcd_train.trainer import checkpoint as ck
-from mlcd_train.trainer.data import (SyntheticBatches, build_shard_loader, check_labels, check_same_labels,
-                                     labels_identity, labels_meta, mix_seed)
+from mlcd_train.trainer.data import (TrainStream, check_labels, check_same_centres, check_same_labels,
+                                     data_sources, labels_identity, labels_meta, mix_seed)
+from mlcd_train.trainer.metrics import MetricsLog, _step_of  # noqa: F401  (re-exported: tests, bench)
+from mlcd_train.trainer.step import Batch, StepStats, accumulate_step, apply_step  # noqa: F401
 from mlcd_train.trainer.optim import build_optimizer, lr_factor, set_lr
 from mlcd_train.utils.dist import DistInfo, barrier, init_distributed
 from mlcd_train.utils.errors import MLCDError
@@ -71,8 +81,12 @@ init.checkpoint=PATH (a run, checkpoint folder or export) starts a fresh run fro
 backbone (positions resized to the new image size; new Partial FC, optimiser, step 0); it
 is ignored once output_dir holds a checkpoint of its own.
 train.parallel=fsdp shards the backbone over the ranks (FSDP2; checkpoints in model_dcp/ and
-optim_dcp/, resumable on any number of ranks); train.accum_steps=N makes each step of N
-micro-batches, exactly the step of the whole batch.
+optim_dcp/, resumable on any number of ranks, and from or to a ddp run); train.accum_steps=N
+makes each step of N micro-batches, exactly the step of the whole batch.
+Several data sources: data.sources=[{shards: A, labels: LA, weight: 3}, {shards: B, labels: LB,
+weight: 1}] (labels assigned against the same centres).  MFU in the log: train.peak_flops=F
+(FLOP/s of one device; known GPUs are recognised).  train.wandb=PROJECT logs to wandb too.
+train.stop_check_every=N: steps between the ranks' stop-signal agreement (default 10).
 """
 
 
@@ -125,58 +139,12 @@ def agree_stop(local: bool, info: DistInfo, written: bool = True) -> tuple[bool,
     return stop > 0, unwritten == 0
 
 
-def all_sum(values: list[float], info: DistInfo) -> list[float]:
+def all_sum(values: list[float], info: DistInfo, op=None) -> list[float]:
     if not info.distributed:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=info.device if info.backend == "nccl" else "cpu")
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a blank or cut one (a write cut short by a
-    kill or a full disk), which a resume drops rather than failing on."""
-    try:
-        return json.loads(line).get("step", 0) if line.strip() else math.inf
-    except (ValueError, AttributeError):
-        return math.inf
-
-
-class MetricsLog:
-    """``OUT/metrics.jsonl`` (append, one object per logged step) and tensorboard scalars."""
-
-    def __init__(self, out: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = out / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if start_step > 0 and self.path.is_file():  # drop lines past the checkpoint we resumed from
-            from mlcd_train.utils.io import atomic_write_text
-
-            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
-        elif start_step == 0 and self.path.is_file():
-            self.path.unlink()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.f = open(self.path, "a", encoding="utf-8")
-
-    def log(self, rec: dict, section: str = "train") -> None:
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        step = rec["step"]
-        for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and v is not None:
-                self.tb.add_scalar(f"{section}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            self.tb.close()
 
 
 def unwrap_state_dict(model: torch.nn.Module) -> dict:
@@ -230,71 +198,21 @@ def make_scaler(precision: str, device: torch.device):
     return None
 
 
-def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler=None,
-               clip_fn=None, loss_before: torch.Tensor | None = None) -> tuple[float, float, bool]:
-    """Backward, clip the backbone gradient, step every optimiser: (loss, grad norm, applied).
-
-    The step is applied only when the loss and the (unscaled) backbone gradient norm are
-    finite; that is the one decision every rank takes alike (DDP has averaged the gradient,
-    the loss is the global mean).  With a ``scaler`` (fp16) the scaled loss is backpropagated
-    and every optimiser's gradients are unscaled before clipping, so the norm is the true
-    one: an overflow of the scaled gradient reads as a non-finite norm and skips the step
-    like any other non-finite step; ``scaler.update()`` then lowers the scale."""
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.unscale_(opt)
-    gnorm = (clip_fn or torch.nn.utils.clip_grad_norm_)(params, clip if clip > 0 else float("inf"))
-    total = loss.detach() if loss_before is None else loss.detach() + loss_before
-    loss_v, gnorm_v = float(total), float(gnorm)
-    applied = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-    if applied:
-        for opt in optimizers:
-            opt.step()
-    if scaler is not None:
-        scaler.update()  # from the overflow checks unscale_ recorded
-    return loss_v, gnorm_v, applied
-
-
-def accumulate_step(model, pfc, micro: list, params: list, clip: float, optimizers, amp=None, scaler=None,
-                    clip_fn=None) -> tuple[float, float, bool]:
-    """One optimiser step over the micro-batches ``[(images, labels), ...]`` of this rank:
-    exactly the step of their concatenation (train.accum_steps).  The Partial FC's sampled
-    classes are drawn once from the labels of all of them (``pfc.plan``), each micro loss is
-    scaled by 1 / len(micro) so the summed gradient is the full batch's mean-loss gradient;
-    DDP reduces only the last micro-batch's (accumulated) gradient.  Returns apply_step's."""
-    n = len(micro)
-    if n > 1:
-        pfc.plan(torch.cat([y for _, y in micro]))
-    before = None
-    for i, (images, labels) in enumerate(micro):
-        last = i == n - 1
-        no_sync = getattr(model, "no_sync", None) if not last else None
-        with (no_sync() if no_sync is not None else nullcontext()):
-            with amp if amp is not None else nullcontext():
-                emb = model(images)
-            loss = pfc(emb if emb.dtype == torch.float64 else emb.float(), labels)
-            if n > 1:
-                loss = loss / n
-            if last:
-                break
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        before = loss.detach() if before is None else before + loss.detach()
-    return apply_step(loss, params, clip, optimizers, scaler, clip_fn, before)
-
-
 class Trainer:
     def __init__(self, cfg: C.Config, info: DistInfo):
         self.cfg, self.info = cfg, info
         meta = None
         if not cfg.data.synthetic:
-            if cfg.data.labels and not (Path(cfg.data.labels) / "meta.json").is_file():
-                raise MLCDError(f"config key 'data.labels': {cfg.data.labels}/meta.json not found "
-                                "(is this a folder written by `mlcd assign`?)")
-            meta = labels_meta(cfg.data.labels) if cfg.data.labels else None
-        self.labels_id = labels_identity(cfg.data.labels) if meta is not None else None
+            key = "data.sources" if cfg.data.sources else "data.labels"
+            for src in data_sources(cfg) if (cfg.data.labels or cfg.data.sources) else []:
+                if src["labels"] and not (Path(src["labels"]) / "meta.json").is_file():
+                    raise MLCDError(f"config key '{key}': {src['labels']}/meta.json not found "
+                                    "(is this a folder written by `mlcd assign`?)")
+            if cfg.data.sources and all(isinstance(x, dict) and x.get("labels") for x in cfg.data.sources):
+                meta = check_same_centres(data_sources(cfg))  # one set of centres, or refused naming both
+            elif cfg.data.labels:
+                meta = labels_meta(cfg.data.labels)
+        self.labels_id = labels_identity(data_sources(cfg)[0]["labels"]) if meta is not None else None
         C.validate(cfg, info.world_size, meta)
         self.out = Path(cfg.output_dir)
         self.ckdir = self.out / "checkpoints"
@@ -349,15 +267,15 @@ class Trainer:
         self.pfc_opt = self.pfc.make_optimizer(self.pfc_lr, weight_decay=wd, betas=tuple(oc.betas), eps=oc.eps,
                                                kind="adamw")
 
-    def _build_data(self, start_step: int):
-        cfg = self.cfg
-        if cfg.data.synthetic:
-            return SyntheticBatches(cfg.data.synthetic_batches, self.batch, self.image_size, cfg.loss.num_classes,
-                                    cfg.loss.l, cfg.seed, self.info.rank, start=start_step)
-        loader, ds = build_shard_loader(cfg, self.info.rank, self.info.world_size, self.batch, start_step,
-                                        self.image_size, pin_memory=self.info.device.type == "cuda",
-                                        positions=self.positions or None)
-        return iter(loader)
+    def _build_data(self, start_step: int) -> TrainStream:
+        """This rank's stream of micro-batches, placed at micro-batch ``start_step`` (and at the
+        saved loader position when the resume allows an exact one)."""
+        stream = TrainStream(self.cfg, self.info.rank, self.info.world_size, self.batch, self.image_size,
+                             pin_memory=self.info.device.type == "cuda")
+        state = dict(self.loader_state or {})
+        state["batches"] = start_step
+        stream.load_state_dict(state)
+        return stream
 
     def _check_data(self):
         """Rank 0 checks the label folder against the shards; every rank raises its verdict."""
@@ -369,12 +287,14 @@ class Trainer:
             try:
                 from mlcd_train.data.reader import list_shards
 
-                shards = list_shards(cfg.data.shards)
-                if not shards:
-                    raise MLCDError(f"config key 'data.shards': no shards found in {cfg.data.shards}")
-                sizes_path = Path(cfg.data.shards) / "sizes.json"
-                sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else None
-                check_labels(shards, cfg.data.labels, sizes, cfg.loss.l, cfg.data.check_keys_shards)
+                for src in data_sources(cfg):
+                    shards = list_shards(src["shards"])
+                    if not shards:
+                        key = "data.sources" if cfg.data.sources else "data.shards"
+                        raise MLCDError(f"config key '{key}': no shards found in {src['shards']}")
+                    sizes_path = Path(src["shards"]) / "sizes.json"
+                    sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else None
+                    check_labels(shards, src["labels"], sizes, cfg.loss.l, cfg.data.check_keys_shards)
             except MLCDError as exc:
                 err = str(exc)
         if info.distributed:  # the other ranks must not wait at a barrier for a rank that gave up
@@ -478,9 +398,11 @@ class Trainer:
         info = self.info
         if par.is_sharded_checkpoint(folder):  # written under fsdp: loads into FSDP, DDP or one process
             par.load_sharded(folder, self.core, self.opt)
-        elif self.sharded_ckpt:
-            raise MLCDError(f"{folder}: a train.parallel=ddp checkpoint (model.pt); resume it with "
-                            "train.parallel=ddp, or start an fsdp run from its backbone with init.checkpoint")
+        elif self.fsdp:  # written under ddp (full model.pt / optimizer.pt), sharded here
+            m = ck.load(folder, "model.pt")
+            if not isinstance(m, dict) or not isinstance(m.get("state_dict"), dict):
+                raise MLCDError(f"{folder}/model.pt: no state_dict")
+            par.load_full_into_sharded(folder, self.core, self.opt, m["state_dict"], ck.load(folder, "optimizer.pt"))
         else:
             try:
                 m = ck.load(folder, "model.pt")
@@ -503,15 +425,19 @@ class Trainer:
         if changed and info.is_main:
             print(f"mlcd train: resuming {folder} with other data-stream settings ({'; '.join(changed)}): "
                   "training continues, but not on the stream the original run would have read", file=sys.stderr)
-        if st["world_size"] == info.world_size and not changed and st.get("positions"):
-            self.positions = {int(w): int(n) for w, n in st["positions"][info.rank].items()}
+        if st["world_size"] == info.world_size and not changed:
+            if st.get("loader"):
+                self.loader_state = dict(st["loader"][info.rank])
+            elif st.get("positions"):  # checkpoints written before the loader had a state_dict
+                self.loader_state = {"positions": {int(w): [int(n)] for w, n in st["positions"][info.rank].items()}}
         return st
 
     def _stream_settings(self) -> dict:
         """What the position and order of the data stream depend on, besides the step."""
         d = self.cfg.data
         return {"batch_per_rank": self.batch, "seed": self.cfg.seed, "num_workers": d.num_workers,
-                "shuffle_buffer": d.shuffle_buffer}
+                "shuffle_buffer": d.shuffle_buffer,
+                "sources": [(s["shards"], s["weight"]) for s in data_sources(self.cfg)] if d.sources else None}
 
     def _save(self, step: int) -> None:
         from mlcd_train import partial_fc as P
@@ -535,14 +461,16 @@ class Trainer:
         barrier()
         P.save_partial_fc(self.pfc, folder / P.shard_file_name(info.rank), self.pfc_opt)
         rngs = gather_objects(ck.rng_state(), info)
-        positions = gather_objects(dict(self.positions), info)
-        local_corrupt = sum(c for c, _ in self.worker_stats.values())
+        loader = gather_objects(self.data.state_dict() if self.data is not None else None, info)
+        local_corrupt = self.data.corrupt() if self.data is not None else 0
         self.corrupt_total = self.corrupt_offset + int(all_sum([float(local_corrupt)], info)[0])
         if info.is_main:
             state = {"step": step, "samples_seen": step * self.cfg.train.global_batch_size,
                      "world_size": info.world_size, **self._stream_settings(), "labels": self.labels_id,
                      "data_batches_consumed": step * self.cfg.train.accum_steps, "skipped_steps": self.skipped,
-                     "corrupt": self.corrupt_total, "rng": rngs, "positions": positions,
+                     "corrupt": self.corrupt_total, "rng": rngs, "loader": loader,
+                     # the older form ({worker: records of the first source} per rank), kept for readers of it
+                     "positions": [{w: p[0] for w, p in (st or {}).get("positions", {}).items()} for st in loader],
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "schedule": {"name": self.cfg.optim.schedule, "warmup_steps": self.cfg.optim.warmup_steps,
                                   "total": self.cfg.train.steps}}
@@ -606,10 +534,9 @@ class Trainer:
                   "(autocast and loss scaling are for CUDA)", file=sys.stderr)
         self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
         self.saved: set[int] = set()
-        self.worker_stats: dict[int, tuple[int, int]] = {}
-        # {original loader worker: records it has consumed} of this rank, from the batches taken:
-        # saved with each checkpoint so that a resume is exact even past corrupt samples
-        self.positions: dict[int, int] = {}
+        # the loader's saved position (TrainStream.state_dict) when the resume can use it
+        self.loader_state: dict | None = None
+        self.data: TrainStream | None = None
         self._check_data()
         folder = self._resume_folder()
         if folder is None and cfg.init.checkpoint:  # before anything is written: a bad file leaves no trace
@@ -678,8 +605,9 @@ class Trainer:
                   f"l={cfg.loss.l} r={cfg.loss.sample_rate}, steps {start}->{total}, output {self.out}",
                   file=sys.stderr, flush=True)
         self._build_eval(start)
-        data = self._build_data(start * cfg.train.accum_steps)  # in micro-batches
-        log = MetricsLog(self.out, start, info.is_main)
+        self._measure_flops()
+        self.data = data = self._build_data(start * cfg.train.accum_steps)  # in micro-batches
+        log = MetricsLog(self.out, start, info.is_main, cfg.train.wandb, C.to_dict(cfg))
         stop = StopFlag()
         stop.install()
         try:
@@ -687,14 +615,43 @@ class Trainer:
         finally:
             stop.restore()
             log.close()
-            # Stop the loader workers now: they ignore SIGTERM (so that a preemption signal to
-            # the process group cannot kill them mid-step), so leaving them to Python's exit
-            # handlers would block until the launcher's SIGKILL.
-            shutdown = getattr(data, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            data.close()
 
-    def _loop(self, data, start: int, total: int, log: MetricsLog, stop: StopFlag) -> int:
+    def _measure_flops(self) -> None:
+        """Training FLOPs per image (trainer/perf.py), counted once on a meta-device copy of the
+        tower, and the device's peak for MFU (None: n/a)."""
+        from mlcd_train.trainer import perf
+
+        lc = self.cfg.loss
+        try:
+            fwd = perf.forward_flops_per_image(self.model_config, self.image_size)
+        except Exception as exc:  # a model the meta device cannot run: the log says n/a
+            fwd = 0
+            if self.info.is_main:
+                print(f"mlcd train: model FLOPs not counted ({type(exc).__name__}: {exc}); MFU n/a",
+                      file=sys.stderr)
+        sampled = min(lc.num_classes, max(1, int(math.ceil(lc.sample_rate * lc.num_classes))))
+        self.flops_per_image = perf.train_flops_per_image(fwd, self.pfc.embedding_size, sampled) if fwd else None
+        self.peak_flops = perf.peak_flops(self.info.device, self.cfg.train.peak_flops)
+
+    def _sync_point(self, step: int, total: int) -> bool:
+        """Steps on which the host reads the device counters and the ranks agree on a stop:
+        log, save and evaluation steps, the last, and every ``train.stop_check_every``."""
+        t, e = self.cfg.train, self.cfg.eval
+        return (step % t.log_every == 0 or step % t.stop_check_every == 0 or step % t.save_every == 0
+                or step == total or (e.every > 0 and step % e.every == 0))
+
+    def _check_nonfinite(self, counts: dict, step: int) -> None:
+        limit = self.cfg.train.max_nonfinite_steps
+        if counts["worst_run"] >= limit:
+            raise MLCDError(f"train: loss or gradient norm not finite for {counts['worst_run']} steps in a row "
+                            f"(seen at step {step}; limit train.max_nonfinite_steps={limit}); lower optim.lr or "
+                            f"check the data. The last checkpoint in {self.ckdir} is intact.")
+
+    def _loop(self, data: TrainStream, start: int, total: int, log: MetricsLog, stop: StopFlag) -> int:
+        """The steps.  Nothing is read back from the device in a step: the loss, the grad norm and
+        the non-finite verdict stay in :class:`StepStats` until a sync point (:meth:`_sync_point`),
+        where one transfer reads them and one all-reduce agrees on a stop signal."""
         from mlcd_train.utils.progress import progress
 
         cfg, info = self.cfg, self.info
@@ -706,14 +663,13 @@ class Trainer:
         if self.fsdp:
             from mlcd_train.trainer.parallel import clip_grad_norm_ as clip_fn  # the norm over every shard
         opts = [(self.opt, cfg.optim.lr), (self.pfc_opt, self.pfc_lr)]
-        nonfinite_run = 0
+        stats = StepStats(dev)
         # a bar on a terminal; plain lines (one per log step) in batch logs, where \r updates pile up
         self.lines = (info.is_main and not sys.stderr.isatty() and os.environ.get("MLCD_QUIET", "0") != "1")
         self.t_start, self.start_step = time.perf_counter(), start
         bar = progress(total=total, initial=start, desc="train", unit="step", rank=info.rank,
                        disable=True if self.lines else None)
-        win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
-        win_loss, win_norm, win_good = 0.0, 0.0, 0  # sums over the window's finite steps
+        win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "norm": 0.0, "good": 0}
         step = start
         accum = cfg.train.accum_steps
         while step < total:
@@ -721,50 +677,44 @@ class Trainer:
             for _ in range(accum):  # accum_steps micro-batches make one optimiser step
                 t0 = time.perf_counter()
                 batch = next(data)
-                win_wait += time.perf_counter() - t0
-                if len(batch) > 2:  # (worker, corrupt, records, original worker, position) of its loader worker
-                    self.worker_stats[int(batch[2][-1])] = (int(batch[3][-1]), int(batch[4][-1]))
-                    self.positions[int(batch[5][-1])] = int(batch[6][-1])
-                micro.append((batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)))
+                win["wait"] += time.perf_counter() - t0
+                micro.append(batch.to(dev))
             factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
             set_lr(opts, factor)
             # negative sampling and any other torch randomness: a function of (seed, step, rank)
             torch.manual_seed(mix_seed(cfg.seed, step, info.rank))
             self.pfc.generator.manual_seed(mix_seed(cfg.seed, step, info.rank, 0xFC))
-            loss_v, gnorm_v, applied = accumulate_step(self.model, self.pfc, micro, params, clip,
-                                                       (self.opt, self.pfc_opt), amp, self.scaler, clip_fn)
-            if applied:
-                nonfinite_run = 0
-                win_loss += loss_v
-                win_norm += gnorm_v
-                win_good += 1
-            else:
-                self.skipped += 1
-                nonfinite_run += 1
-                if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                    raise MLCDError(f"train: loss or gradient norm not finite for {nonfinite_run} steps in a row "
-                                    f"(step {step + 1}; limit train.max_nonfinite_steps="
-                                    f"{cfg.train.max_nonfinite_steps}); lower optim.lr or check the data. "
-                                    f"The last checkpoint in {self.ckdir} is intact.")
+            loss_t, gnorm_t, ok_t = accumulate_step(self.model, self.pfc, micro, params, clip,
+                                                    (self.opt, self.pfc_opt), amp, self.scaler, clip_fn,
+                                                    sync=False)
+            stats.update(loss_t, gnorm_t, ok_t)
             self.opt.zero_grad(set_to_none=True)
             self.pfc_opt.zero_grad(set_to_none=True)
             step += 1
-            win_steps += 1
+            win["steps"] += 1
             bar.update(1)
-            stopping, written = agree_stop(stop.signum != 0, info,
-                                           self.pending is None or self.pending[2].done())
-            if self.pending is not None and written:
-                self._finish_pending(wait=True)  # every rank's write is done: wait() returns at once
-            if step % cfg.train.log_every == 0 or step == total or stopping:
-                self._log(log, bar, step, total, factor, win_t0, win_wait, win_steps, win_loss, win_norm,
-                          win_good)
-                win_t0, win_wait, win_steps = time.perf_counter(), 0.0, 0
-                win_loss, win_norm, win_good = 0.0, 0.0, 0
+            # one process reads its own flag at every step (no collective); ranks agree at sync points
+            stopping = stop.signum != 0 and not info.distributed
+            sync = self._sync_point(step, total) or stopping
+            if sync:
+                counts = stats.read()
+                self.skipped += counts["skipped"]
+                win["loss"] += counts["loss_sum"]
+                win["norm"] += counts["norm_sum"]
+                win["good"] += counts["good"]
+                self._check_nonfinite(counts, step)
+                stopping, written = agree_stop(stop.signum != 0, info,
+                                               self.pending is None or self.pending[2].done())
+                if self.pending is not None and written:
+                    self._finish_pending(wait=True)  # every rank's write is done: wait() returns at once
+            if sync and (step % cfg.train.log_every == 0 or step == total or stopping):
+                self._log(log, bar, step, factor, win)
+                win = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "norm": 0.0, "good": 0}
             if cfg.eval.every > 0 and not stopping and (step % cfg.eval.every == 0 or step == total):
                 self._evaluate(log, step)
             if stopping or step % cfg.train.save_every == 0 or step == total:
                 self._save(step)
-                win_t0 = time.perf_counter()  # img/s measures training, not saving
+                win["t0"] = time.perf_counter()  # img/s measures training, not saving
             if stopping:
                 bar.close()
                 self._finish_pending(wait=True)
@@ -778,31 +728,44 @@ class Trainer:
             print(f"mlcd train: done, {total} steps; checkpoints in {self.ckdir}", file=sys.stderr)
         return 0
 
-    def _log(self, log, bar, step, total, factor, t0, wait, nsteps, loss_sum, norm_sum, good):
-        """One log record; loss and grad norm are means over the ``good`` (finite, applied) steps
-        of the window, NaN when it had none."""
+    def _log(self, log, bar, step, factor, win):
+        """One log record; loss and grad norm are means over the window's applied (finite) steps,
+        NaN when it had none; throughput, model FLOP/s, MFU and peak memory of the window."""
+        from mlcd_train.trainer import perf
+
         cfg, info = self.cfg, self.info
-        dt = max(time.perf_counter() - t0, 1e-9)
+        dt = max(time.perf_counter() - win["t0"], 1e-9)
+        good, loss_sum, norm_sum = win["good"], win["loss"], win["norm"]
         if good == 0:
             loss_sum = norm_sum = float("nan")
         good = max(1, good)
-        corrupt = sum(c for c, _ in self.worker_stats.values())
-        loss_m, norm_m, wait, corrupt = all_sum([loss_sum / good, norm_sum / good, wait / dt, float(corrupt)], info)
+        corrupt = self.data.corrupt() if self.data is not None else 0
+        loss_m, norm_m, wait, corrupt = all_sum([loss_sum / good, norm_sum / good, win["wait"] / dt, float(corrupt)],
+                                                info)
+        (mem,) = all_sum([perf.peak_memory_gib(info.device)], info, op=dist.ReduceOp.MAX if info.distributed else None)
         ws = info.world_size
         self.corrupt_total = self.corrupt_offset + int(corrupt)
+        img_s = win["steps"] * cfg.train.global_batch_size / dt
+        flops = self.flops_per_image * img_s / ws if self.flops_per_image else None  # per device
         rec = {"step": step, "loss": loss_m / ws, "lr": cfg.optim.lr * factor,
-               "img_per_s": nsteps * cfg.train.global_batch_size / dt, "data_wait": wait / ws,
+               "img_per_s": img_s, "data_wait": wait / ws,
                "grad_norm": norm_m / ws, "skipped_steps": self.skipped, "corrupt_samples": self.corrupt_total,
-               "samples_seen": step * cfg.train.global_batch_size}
+               "samples_seen": step * cfg.train.global_batch_size,
+               "tflops_per_device": flops / 1e12 if flops is not None else None,
+               "mfu": flops / self.peak_flops if flops is not None and self.peak_flops else None,
+               "peak_mem_gib": mem}
         log.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_per_s']:.0f}",
                         wait=f"{rec['data_wait']:.1%}", refresh=False)
         if self.lines:
+            total = cfg.train.steps
             el = time.perf_counter() - self.t_start
             eta = el / max(1, step - self.start_step) * (total - step)
+            mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
             print(f"train step {step}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.3e} "
                   f"{rec['img_per_s']:.0f} img/s data-wait {rec['data_wait']:.1%} grad-norm {rec['grad_norm']:.3g} "
-                  f"skipped {self.skipped} elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min",
+                  f"skipped {self.skipped} MFU {mfu} peak-mem {mem:.2f} GiB "
+                  f"elapsed {el / 60:.1f} min ETA {eta / 60:.1f} min",
                   file=sys.stderr, flush=True)
 
 

@@ -260,40 +260,74 @@ class Augment:
 
 # ----------------------------------------------------------------------------- stream
 
-class LabeledStream(IterableDataset):
-    """(image tensor, labels [l]) pairs for one rank; batches come from a DataLoader.
+def pick_source(cum: list[float], seed: int, rank: int, pos: int) -> int:
+    """The source of the sample at stream position ``pos`` of ``rank``: drawn with probability
+    proportional to its weight (``cum``: the cumulative normalised weights), a pure function
+    of (seed, rank, position), so a resume draws the same sources."""
+    if len(cum) == 1:
+        return 0
+    u = mix_seed(seed, rank, pos, 0x50C5) / float(1 << 63)
+    for i, c in enumerate(cum):
+        if u < c:
+            return i
+    return len(cum) - 1
 
+
+class LabeledStream(IterableDataset):
+    """(image tensor, labels [l], stats...) samples for one rank; batches come from a DataLoader.
+
+    ``datasets`` / ``labels``: one reader and one label table per data source (one unless
+    ``data.sources``); each sample's source is :func:`pick_source` of its stream position.
     ``resume_batches``: batches of ``batch_size`` this rank consumed before (exact resume).
     The augmentation seed of a sample is ``mix_seed(seed, rank, position)`` where position
     counts samples in this rank's stream from the start of training; DataLoader worker ``w``
     of ``nw`` produces stream batches ``resume_batches + w + nw * i``.
     """
 
-    def __init__(self, dataset, labels: LabelTable, augment: Augment, seed: int, rank: int,
-                 batch_size: int, resume_batches: int = 0):
-        self.dataset = dataset
-        self.labels = labels
+    def __init__(self, datasets, labels, augment: Augment, seed: int, rank: int,
+                 batch_size: int, resume_batches: int = 0, weights: list[float] | None = None):
+        self.datasets = list(datasets) if isinstance(datasets, (list, tuple)) else [datasets]
+        self.labels = list(labels) if isinstance(labels, (list, tuple)) else [labels]
         self.augment = augment
         self.seed, self.rank = seed, rank
         self.batch_size = batch_size
         self.resume_batches = resume_batches
+        w = [float(x) for x in (weights or [1.0] * len(self.datasets))]
+        total, acc, self.cum = sum(w), 0.0, []
+        for x in w:
+            acc += x / total
+            self.cum.append(acc)
+
+    @property
+    def dataset(self):  # the single-source reader (what callers of one source used)
+        return self.datasets[0]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         n = 0
         B = self.batch_size
-        for s in self.dataset:
+        iters = [iter(ds) for ds in self.datasets]
+        # (original worker this one plays, records it skips) in each source
+        base = [ds._resume_point(w, nw) if hasattr(ds, "_resume_point") else (w, 0) for ds in self.datasets]
+        while True:
             batch = self.resume_batches + w + nw * (n // B)
             pos = batch * B + n % B
+            src = pick_source(self.cum, self.seed, self.rank, pos)
+            try:
+                s = next(iters[src])
+            except StopIteration:
+                return
             x = self.augment(s.image, mix_seed(self.seed, self.rank, pos))
-            y = torch.from_numpy(self.labels.get(s.shard, s.key))
+            y = torch.from_numpy(self.labels[src].get(s.shard, s.key))
             n += 1
-            stats = getattr(self.dataset, "stats", None) or {}
-            # the reader's counters live in this worker: they travel with the batch (the last
-            # two: the original worker this one plays, and its position in records for resume)
-            yield (x, y, w, stats.get("corrupt", 0), stats.get("records", 0), stats.get("worker", w),
-                   stats.get("skipped", 0) + stats.get("records", 0))
+            # the readers' counters live in this worker: they travel with the batch (the original
+            # worker this one plays, and its position in records of every source, for resume)
+            st = [getattr(ds, "stats", None) or {} for ds in self.datasets]
+            # a source this worker has not read from yet: still at its resume point
+            where = [t["skipped"] + t["records"] if "worker" in t else b[1] for t, b in zip(st, base)]
+            yield (x, y, w, sum(t.get("corrupt", 0) for t in st), sum(t.get("records", 0) for t in st),
+                   base[0][0], where[0], src, torch.tensor(where, dtype=torch.int64))
 
 
 def _worker_init(_):
@@ -305,25 +339,140 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def data_sources(cfg) -> list[dict]:
+    """[{shards, labels, weight}]: ``data.sources``, or the one source of data.shards / data.labels."""
+    if cfg.data.sources:
+        return [{"shards": str(s["shards"]), "labels": str(s["labels"]), "weight": float(s.get("weight", 1.0))}
+                for s in cfg.data.sources]
+    return [{"shards": cfg.data.shards, "labels": cfg.data.labels, "weight": 1.0}]
+
+
+def check_same_centres(sources: list[dict]) -> dict:
+    """The label folders of several sources must be assignments against the same centres
+    (``centroids_sha`` of their meta.json, and the same k): the class ids then mean the same
+    clusters.  Returns the first folder's meta; a mismatch names both folders."""
+    metas = [labels_meta(s["labels"]) for s in sources]
+    first, m0 = sources[0]["labels"], metas[0]
+    for src, m in zip(sources[1:], metas[1:]):
+        a, b = m0.get("centroids_sha"), m.get("centroids_sha")
+        if not (isinstance(a, str) and a and isinstance(b, str) and b):
+            missing = first if not (isinstance(a, str) and a) else src["labels"]
+            raise MLCDError(f"config key 'data.sources': {missing}/meta.json records no centroids_sha, so its "
+                            f"centres cannot be checked against {src['labels'] if missing == first else first}'s "
+                            "(re-run `mlcd assign`, which records it)")
+        if a != b or m0.get("k") != m.get("k"):
+            raise MLCDError(f"config key 'data.sources': {src['labels']} (centroids_sha {b[:12]}, k {m.get('k')}) "
+                            f"and {first} (centroids_sha {a[:12]}, k {m0.get('k')}) were assigned against "
+                            "different centres; every source must be labelled with the same `mlcd assign` "
+                            "centroids")
+        if m.get("topk") != m0.get("topk"):
+            m0 = dict(m0, topk=min(int(m0.get("topk") or 0), int(m.get("topk") or 0)))
+    return m0
+
+
 def build_shard_loader(cfg, rank: int, world_size: int, batch_size: int, resume_batches: int,
                        image_size: int, pin_memory: bool = False, positions: dict | None = None):
     """The DataLoader of this rank; batches are (images, labels, worker, corrupt, records,
-    original worker, its position); ``positions`` as in :meth:`ShardDataset.set_resume`."""
+    original worker, its position in the first source, source, positions [per source]).
+    ``positions``: {original worker: records it consumed of each source (a list, or one int
+    for one source)}, as in :meth:`ShardDataset.set_resume`."""
     from mlcd_train.data.reader import ShardDataset, list_shards
 
-    shards = list_shards(cfg.data.shards)
-    ds = ShardDataset(shards, transform=None, rank=rank, world_size=world_size, resampled=True,
-                      seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                      max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+    sources = data_sources(cfg)
+    datasets, tables = [], []
+    for i, src in enumerate(sources):
+        ds = ShardDataset(list_shards(src["shards"]), transform=None, rank=rank, world_size=world_size,
+                          resampled=True, seed=cfg.seed if i == 0 else mix_seed(cfg.seed, i),
+                          shuffle_buffer=cfg.data.shuffle_buffer, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+        pos_i = None
+        if positions:
+            pos_i = {int(w): int(n[i] if isinstance(n, (list, tuple)) else n) for w, n in positions.items()}
+        ds.set_resume(resume_batches, batch_size, pos_i)
+        datasets.append(ds)
+        tables.append(LabelTable(src["labels"], cfg.loss.l))
     nw = cfg.data.num_workers
-    ds.set_resume(resume_batches, batch_size, positions)
-    stream = LabeledStream(ds, LabelTable(cfg.data.labels, cfg.loss.l), Augment(image_size, cfg.data.aug),
-                           cfg.seed, rank, batch_size, resume_batches)
+    stream = LabeledStream(datasets, tables, Augment(image_size, cfg.data.aug), cfg.seed, rank, batch_size,
+                           resume_batches, weights=[s["weight"] for s in sources])
     kw = dict(num_workers=nw, batch_size=batch_size, pin_memory=pin_memory, drop_last=True)
     if nw > 0:
         kw.update(prefetch_factor=cfg.data.prefetch_factor, persistent_workers=False,
                   worker_init_fn=_worker_init)
-    return DataLoader(stream, **kw), ds
+    return DataLoader(stream, **kw), datasets[0]
+
+
+class TrainStream:
+    """The trainer's data: an iterator of :class:`~mlcd_train.trainer.step.Batch` whose position
+    is saved and restored through :meth:`state_dict` / :meth:`load_state_dict` (call it before
+    the first batch).  The state: micro-batches consumed, and {original loader worker: records
+    it consumed of each source} from the last batch each worker made, which makes a resume
+    exact even past corrupt samples.  Counts corrupt samples per worker (:meth:`corrupt`)."""
+
+    def __init__(self, cfg, rank: int, world_size: int, batch_size: int, image_size: int,
+                 pin_memory: bool = False):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.batch_size, self.image_size, self.pin_memory = batch_size, image_size, pin_memory
+        self.consumed = 0
+        self.positions: dict[int, list[int]] = {}
+        self.worker_stats: dict[int, tuple[int, int]] = {}
+        self.source_counts: list[int] = [0] * len(data_sources(cfg)) if not cfg.data.synthetic else [0]
+        self._it = None
+        self._loader = None
+
+    def state_dict(self) -> dict:
+        return {"batches": self.consumed, "positions": {int(w): list(p) for w, p in self.positions.items()},
+                "sources": len(self.source_counts)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if self._it is not None:
+            raise RuntimeError("TrainStream.load_state_dict: the stream has started")
+        self.consumed = int(sd.get("batches", 0))
+        pos = sd.get("positions") or {}
+        n = len(self.source_counts)
+        self.positions = {}
+        for w, p in pos.items():
+            p = list(p) if isinstance(p, (list, tuple)) else [int(p)]
+            if len(p) == n:
+                self.positions[int(w)] = [int(x) for x in p]
+
+    def _start(self):
+        cfg = self.cfg
+        if cfg.data.synthetic:
+            self._it = SyntheticBatches(cfg.data.synthetic_batches, self.batch_size, self.image_size,
+                                        cfg.loss.num_classes, cfg.loss.l, cfg.seed, self.rank, start=self.consumed)
+            return
+        self._loader, _ = build_shard_loader(cfg, self.rank, self.world_size, self.batch_size, self.consumed,
+                                             self.image_size, pin_memory=self.pin_memory,
+                                             positions=self.positions or None)
+        self._it = iter(self._loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from mlcd_train.trainer.step import Batch
+
+        if self._it is None:
+            self._start()
+        raw = next(self._it)
+        self.consumed += 1
+        if len(raw) > 2:  # (worker, corrupt, records, original worker, position, source, positions)
+            self.worker_stats[int(raw[2][-1])] = (int(raw[3][-1]), int(raw[4][-1]))
+            self.positions[int(raw[5][-1])] = [int(x) for x in raw[8][-1]]
+            for s in raw[7].tolist():
+                self.source_counts[s] += 1
+        return Batch(raw[0], raw[1])
+
+    def corrupt(self) -> int:
+        """Corrupt samples this rank's loader workers skipped (since this run started)."""
+        return sum(c for c, _ in self.worker_stats.values())
+
+    def close(self) -> None:
+        """Stop the loader workers now: they ignore SIGTERM (so that a preemption signal to the
+        process group cannot kill them mid-step), so leaving them to Python's exit handlers
+        would block until the launcher's SIGKILL."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class SyntheticBatches:

@@ -3,7 +3,7 @@
 - Weight decay only on weight matrices: parameters with fewer than 2 dimensions (biases,
   norm scales) and the model's ``no_weight_decay()`` names (class embedding, position
   embeddings, RoPE class angles) get none.
-- ``optim.name=adamw``: ``torch.optim.AdamW``, fused on CUDA unless ``optim.fused=false``.
+- ``optim.name=adamw``: ``torch.optim.AdamW``, fused (CUDA and CPU) unless ``optim.fused=false``.
   ``apex_adam`` / ``apex_lamb``: apex's FusedAdam / FusedLAMB; apex is optional, asking for
   it without it installed is a config error.
 - Schedule: linear warm-up from 0 to ``lr`` over ``warmup_steps``, then cosine down to
@@ -34,7 +34,9 @@ def build_optimizer(model: torch.nn.Module, ocfg, device: torch.device) -> torch
     groups = param_groups(model, ocfg.weight_decay)
     betas = tuple(float(b) for b in ocfg.betas)
     if ocfg.name == "adamw":
-        fused = ocfg.fused if ocfg.fused is not None else device.type == "cuda"
+        # fused by default (CUDA, and the CPU kernels of torch >= 2.4): 3-4x faster than foreach on
+        # the CPU, and it skips a non-finite step on a device flag (found_inf, trainer/step.py)
+        fused = ocfg.fused if ocfg.fused is not None else device.type in ("cuda", "cpu")
         kw = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(groups, lr=ocfg.lr, betas=betas, eps=ocfg.eps, **kw)
     try:

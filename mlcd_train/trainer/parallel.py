@@ -252,6 +252,30 @@ def load_sharded(folder: Path, model: nn.Module, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
+def load_full_into_sharded(folder: Path, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Every rank: a ``train.parallel=ddp`` checkpoint (the full ``model.pt`` state dict and the
+    ``optimizer.pt`` of ``torch.optim``, keyed by parameter index) into the FSDP-sharded
+    ``model`` and its ``optimizer``: the indices are named by the optimiser's parameter order
+    (the same parameter groups build both), then torch's ``set_state_dict`` shards them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    try:
+        saved = [i for g in optim_sd["param_groups"] for i in g["params"]]
+        if len(saved) != len(order):
+            raise ValueError(f"{len(saved)} parameters in optimizer.pt, {len(order)} in this model")
+        state = {order[int(i)]: v for i, v in optim_sd["state"].items()}
+        groups = [dict(g, params=[order[int(i)] for i in g["params"]]) for g in optim_sd["param_groups"]]
+        set_state_dict(model, optimizer, model_state_dict=model_sd,
+                       optim_state_dict={"state": state, "param_groups": groups},
+                       options=StateDictOptions(full_state_dict=True))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        msg = " ".join(str(exc).strip().splitlines())[:300]
+        raise MLCDError(f"{folder}: the ddp checkpoint does not fit this fsdp model and optimiser "
+                        f"({type(exc).__name__}: {msg})") from None
+
+
 def read_full_state_dict(dcp_dir: str | os.PathLike, template: dict) -> dict:
     """One process, no process group: the backbone of ``dcp_dir`` (``model_dcp``) as full
     tensors, read into a copy of ``template`` (a plain model's state dict: names and shapes)."""

@@ -1,0 +1,115 @@
+"""The trainer's log: ``OUT/metrics.jsonl``, tensorboard scalars (``OUT/tb``) and, when asked
+for (``train.wandb=PROJECT``), Weights & Biases.
+
+- ``metrics.jsonl``: one JSON object per logged step (appended, flushed); a resume drops the
+  lines past the step it resumes from (and a line cut by a kill), a fresh run starts it over.
+- tensorboard: every numeric field as ``<section>/<name>``; a resume purges the later steps.
+- wandb is optional (not a dependency): ``train.wandb`` names the project; without the
+  package installed that is a config error naming the key.  The run id is kept in
+  ``OUT/wandb_run_id`` (written atomically on the first start), so a resumed run continues the
+  same wandb run (``resume="allow"``); ``WANDB_MODE=offline`` works as wandb documents it.
+
+Only rank 0 logs (``enabled``); the other ranks hold a disabled log.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from mlcd_train.utils.errors import MLCDError
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or cut one (a write cut short by a
+    kill or a full disk), which a resume drops rather than failing on."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else math.inf
+    except (ValueError, AttributeError):
+        return math.inf
+
+
+def wandb_module():
+    """The wandb package, or None when it is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb
+
+
+def wandb_run_id(out: Path, start_step: int) -> str:
+    """The wandb run id of the run in ``out``: read back on a resume, a new one on a fresh start
+    (written to ``OUT/wandb_run_id`` before wandb starts)."""
+    from mlcd_train.utils.io import atomic_write_text, read_regular
+
+    path = out / RUN_ID_FILE
+    if start_step > 0 and path.is_file():
+        rid = read_regular(path, 200, what="wandb run id").decode("ascii", "replace").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", rid):
+            raise MLCDError(f"{path}: not a wandb run id ({rid[:40]!r}); remove the file to start a new wandb run")
+        return rid
+    import secrets
+
+    rid = secrets.token_hex(8)
+    atomic_write_text(path, rid + "\n")
+    return rid
+
+
+class MetricsLog:
+    """``OUT/metrics.jsonl`` (append, one object per logged step), tensorboard scalars and the
+    optional wandb run."""
+
+    def __init__(self, out: Path, start_step: int, enabled: bool, wandb_project: str | None = None,
+                 config: dict | None = None):
+        self.enabled = enabled
+        self.out = Path(out)
+        self.path = self.out / "metrics.jsonl"
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if start_step > 0 and self.path.is_file():  # drop lines past the checkpoint we resumed from
+            from mlcd_train.utils.io import atomic_write_text
+
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+        elif start_step == 0 and self.path.is_file():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.f = open(self.path, "a", encoding="utf-8")
+        if wandb_project:
+            wb = wandb_module()
+            if wb is None:
+                raise MLCDError("config key 'train.wandb': the wandb package is not installed "
+                                "(pip install wandb, or leave train.wandb unset)")
+            self.run_id = wandb_run_id(self.out, start_step)
+            self.wandb = wb.init(project=wandb_project, id=self.run_id, resume="allow", dir=str(self.out),
+                                 config=config, name=self.out.name)
+
+    def log(self, rec: dict, section: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        step = rec["step"]
+        scalars = {}
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                self.tb.add_scalar(f"{section}/{k}", v, step)
+                scalars[f"{section}/{k}"] = v
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+                self.wandb = None
