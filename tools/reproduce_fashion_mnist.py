@@ -13,7 +13,8 @@ images, mean and standard deviation over ``--seeds``:
 2. **Multi-label vs single-label** (ResNet-50 on ImageNet in the paper: Unicom 58.4 vs MLCD
    67.2 at 1K clusters): ``unicom_k1000`` vs ``mlcd_k1000_l8``, same student and budget;
    ``--rows full`` adds the k sweep (Unicom and MLCD at every k of --k-list), the l sweep at
-   --k-main and the negative sample rate 1.0 vs 0.1 at --k-rate.
+   --k-main, the negative sample rate 1.0 vs 0.1 at --k-rate and ``unicom_best`` (Unicom with
+   the ``best`` row's student and budget).  Any of these rows can also be named in --rows.
 
 Output in --work: ``results.json`` (every run with its exact commands and seed, and the
 per-row aggregates), ``results.md`` (the table), ``results.png`` (the plot); per run
@@ -145,7 +146,9 @@ class Repro:
                 {**base, "row": "best_round2", "model": a.best_model, "steps": a.best_steps,
                  "set": base["set"] + list(a.best_set), "labels": "round2", "after": "best"},
                 {**base, "row": "vit_mlcd", "model": VIT_MODEL, "overrides": VIT_OVERRIDES}]
-        if a.rows == "full":
+        if a.rows != "main":  # the sweep rows can also be picked by name
+            rows.append({**base, "row": "unicom_best", "model": a.best_model, "steps": a.best_steps, "loss": "unicom",
+                         "l": 1, "set": base["set"] + list(a.best_set)})
             for k in a.k_list:
                 if k != km:
                     rows.append({**base, "row": f"unicom_k{k}", "loss": "unicom", "l": 1, "k": k,
@@ -158,7 +161,7 @@ class Repro:
             if kr not in a.k_list:
                 rows.append({**base, "row": f"mlcd_k{kr}_l8", "k": kr, "labels": f"labels_k{kr}"})
             rows.append({**base, "row": f"mlcd_k{kr}_l8_r1.0", "k": kr, "labels": f"labels_k{kr}", "r": 1.0})
-        elif a.rows != "main":
+        if a.rows not in ("main", "full"):
             wanted = a.rows.split(",")
             known = {r["row"] for r in rows}
             bad = sorted(set(wanted) - known)
