@@ -65,14 +65,17 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 120.
                 p.join()
         if hung:
             raise TimeoutError(f"ranks {hung} did not finish within {timeout}s (hang?)")
-        results = []
+        results, errors = [], []
         for r in range(world_size):
             path = os.path.join(out_dir, f"{r}.pkl")
             if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                errors.append(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                continue
             with open(path, "rb") as f:
                 status, value = pickle.load(f)
             if status == "error":
-                raise RuntimeError(f"rank {r} failed:\n{value}")
+                errors.append(f"rank {r} failed:\n{value}")
             results.append(value)
+        if errors:  # every rank's error: the first one is often only "connection closed by peer"
+            raise RuntimeError("\n".join(errors))
         return results
