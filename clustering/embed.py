@@ -232,6 +232,10 @@ def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim
                                                        or int(old.get("dim", -1)) != embedder.dim):
             raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
                             f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
+        # every rank has read the folder's state (meta.json, pca.npz) before rank 0 changes it: a
+        # rank that joined the lock late would otherwise find rank 0's fresh pca.npz, skip the fit
+        # and its barrier, and pair its barriers off by one with rank 0's (a hang, seen under load)
+        barrier()
         if info.is_main and overwrite:
             # no old shard may count as finished once this run has begun (before a refit replaces
             # pca.npz): a run killed halfway must not leave a folder that a plain rerun would
