@@ -467,6 +467,7 @@ def cluster_folder(emb: str, k: int, out: str, *, niter: int = 20, seed: int = 0
             if info.is_main:
                 print(f"mlcd cluster: {out_c} exists; nothing to do (use --overwrite to redo)", file=sys.stderr)
             return None
+        barrier()  # every rank has looked for finished centres before rank 0 may write them (see embed)
         n_total = folder.total
         if k > n_total:
             raise MLCDError(f"{os.path.join(emb, store.META)}: k={k} is larger than the number of "
