@@ -517,9 +517,7 @@ def assign(emb: str, centroids: str, out: str, *, topk: int = 8, threshold: Opti
         return result
 
 
-
-
-    # ------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
     """``mlcd assign``'s command line: the flags of :func:`build_parser` -> :func:`assign`."""

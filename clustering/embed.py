@@ -299,8 +299,6 @@ def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim
         return result
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     """``mlcd embed``'s command line: the flags of :func:`build_parser` -> :func:`embed`."""
     a = build_parser().parse_args(argv)

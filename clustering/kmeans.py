@@ -498,7 +498,7 @@ def cluster_folder(emb: str, k: int, out: str, *, niter: int = 20, seed: int = 0
         return res
 
 
-    # ------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     """``mlcd cluster``'s command line: the flags of :func:`build_parser` -> :func:`cluster_folder`."""
