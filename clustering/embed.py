@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 
 from clustering import store
+from clustering.embedders import embedder_kind, embedder_options, get_embedder, kind_options, model_help
 from mlcd_core.errors import MLCDError
 from mlcd_core.args import nonneg_int, positive_int
 from mlcd_core.io import check_out_separate, load_json, remove_stale_tmp
@@ -46,17 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="shard folder, tar, brace pattern (see mlcd shards)")
     p.add_argument("--out", required=True, help="embeddings folder EMB")
-    p.add_argument("--model", required=True, help="open_clip:NAME | hf:PATH | mlcd:PATH | pca | pca:FILE.npz")
-    p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag or local checkpoint file")
-    p.add_argument("--dim", type=positive_int, default=64, help="pca: output dimension (default 64)")
-    p.add_argument("--image-size", type=positive_int, default=32, help="pca: images resized to S x S (default 32)")
-    p.add_argument("--pca-fit-samples", type=positive_int, default=5000,
-                   help="pca: images the projection is fitted on (the first ones, default 5000)")
+    p.add_argument("--model", required=True, help=f"{model_help()} (the embedder registry)")
+    kinds = p.add_argument_group("embedder options (each kind's own, from its registration)")
+    for o in embedder_options():
+        kinds.add_argument(o.flag, dest=o.name, type=o.type, default=o.default, help=o.help)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=nonneg_int, default=4, help="DataLoader workers (default 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 on GPU instead of bf16 autocast")
-    p.add_argument("--overwrite", action="store_true", help="redo finished shards (and a pca fit)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished shards (and a fitted embedder's fit)")
     return p
 
 
@@ -71,11 +70,13 @@ def _loader(shards, transform, batch_size, workers, pin_memory=False):
                       pin_memory=pin_memory, persistent_workers=False)
 
 
-def fit_pca(embedder, shards, n: int, batch_size: int, workers: int):
-    """Fit the pca projection on the first ``n`` images of ``shards`` (in shard order)."""
+def fit_embedder(embedder, shards, batch_size: int):
+    """Fit an embedder that ``needs_fit`` on the first ``embedder.fit_samples`` images of
+    ``shards`` (in shard order, through its own transform)."""
     from mlcd_core.reader import ShardDataset, collate_samples
     from torch.utils.data import DataLoader
 
+    n = int(embedder.fit_samples)
     ds = ShardDataset(shards, transform=embedder.transform, rank=0, world_size=1)
     batches, seen = [], 0
     for b in DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_samples):
@@ -122,41 +123,36 @@ def embed_group(embedder, group: list[str], out: str, batch_size: int, workers: 
     return counts
 
 
-def portable_identity(ident: dict, out: str) -> dict:
-    """``embedder_info`` as EMB/meta.json records it: a projection file inside the EMB folder
-    (``EMB/pca.npz``) by its path relative to the folder, so a moved or copied folder is still
-    recognised as the same run."""
+def portable_identity(ident: dict, out: str, key: Optional[str]) -> dict:
+    """``embedder_info`` as EMB/meta.json records it: the fitted state file named by ``key``
+    (the embedder's ``state_key``), when inside the EMB folder, by its path relative to the
+    folder, so a moved or copied folder is still recognised as the same run."""
     ident = dict(ident)
-    proj = ident.get("projection")
-    if isinstance(proj, str) and os.path.isabs(proj):
-        rel = os.path.relpath(proj, os.path.abspath(out))
+    path = ident.get(key) if key else None
+    if isinstance(path, str) and os.path.isabs(path):
+        rel = os.path.relpath(path, os.path.abspath(out))
         if not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
-            ident["projection"] = rel
+            ident[key] = rel
     return ident
 
 
-def comparable_identity(was: dict, now: dict) -> dict:
-    """The recorded ``was`` ready to compare with ``now``: a meta written before projections were
+def comparable_identity(was: dict, now: dict, key: Optional[str]) -> dict:
+    """The recorded ``was`` ready to compare with ``now``: a meta written before state files were
     recorded relative to the folder (an absolute path), or one of a folder since moved, names the
-    same projection when the content fingerprints (``weights_sha``) agree."""
+    same state file (``key``) when the content fingerprints (``weights_sha``) agree."""
     was = dict(was)
-    if ("projection" in was and was.get("weights_sha") and was.get("weights_sha") == now.get("weights_sha")
-            and was["projection"] != now.get("projection")):
-        was["projection"] = now.get("projection")
+    if (key and key in was and was.get("weights_sha") and was.get("weights_sha") == now.get("weights_sha")
+            and was[key] != now.get(key)):
+        was[key] = now.get(key)
     return was
 
 
-def model_paths(model: str, pretrained: str | None) -> list[str]:
-    """The files or folders an embedder spec reads (``hf:PATH``, ``mlcd:PATH``, ``pca:FILE``,
-    an open_clip config ``.json`` or local ``--pretrained`` file)."""
-    from clustering.embedders import spec_path
+def model_paths(model: str, options: Optional[dict] = None) -> list[str]:
+    """The files or folders an embedder spec reads with these options (a path ARG such as
+    ``hf:PATH``, and what its kind's ``reads`` names: a config file, a weights file)."""
+    from clustering.embedders import spec_reads
 
-    _, sep, arg = model.partition(":")
-    path = spec_path(model) or (arg if sep and arg.endswith(".json") else None)  # open_clip: a config file
-    paths = [path] if path else []
-    if pretrained and os.path.exists(pretrained):
-        paths.append(pretrained)
-    return paths
+    return [path for _, path in spec_reads(model, options)]
 
 
 @dataclass
@@ -175,24 +171,30 @@ class EmbedResult:
     counts: Optional[dict] = None
 
 
-def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim: int = 64, image_size: int = 32,
-          pca_fit_samples: int = 5000, batch_size: int = 256, workers: int = 4, device: Optional[str] = None,
-          autocast: bool = True, overwrite: bool = False) -> EmbedResult:
+def embed(shards, out: str, model: str, *, batch_size: int = 256, workers: int = 4, device: Optional[str] = None,
+          autocast: bool = True, overwrite: bool = False, **options) -> EmbedResult:
     """``mlcd embed``: every image of ``shards`` (a folder, tar, brace pattern or list of tars)
     through the embedder ``model`` (``open_clip:NAME``, ``hf:PATH``, ``mlcd:PATH``, ``pca``,
     ``pca:FILE.npz``; see :func:`clustering.embedders.get_embedder`) into the EMB folder ``out``.
 
-    Keywords are the command's flags: ``pretrained`` (open_clip tag or file), ``dim``,
-    ``image_size``, ``pca_fit_samples`` (pca only), ``batch_size``, ``workers`` (DataLoader),
-    ``device``, ``autocast`` (bf16 on CUDA), ``overwrite`` (redo finished shards).  Runs on
-    every rank under torchrun (shards split over ranks); a rerun skips finished shards.  Bad
-    input is an :class:`~mlcd_core.errors.MLCDError` naming the file or option.
+    Keywords are the command's flags: ``batch_size``, ``workers`` (DataLoader), ``device``,
+    ``autocast`` (bf16 on CUDA), ``overwrite`` (redo finished shards, and refit), and as
+    ``**options`` the embedder options of the registry
+    (:func:`clustering.embedders.embedder_options`): ``pretrained`` (open_clip tag or file),
+    ``dim``, ``image_size``, ``pca_fit_samples`` (pca); an option of another kind than
+    ``model``'s is ignored, an omitted one takes its default.  Runs on every rank under
+    torchrun (shards split over ranks); a rerun skips finished shards.  Bad input is an
+    :class:`~mlcd_core.errors.MLCDError` naming the file or option.
     """
-    from clustering.embedders import get_embedder
     from mlcd_core.reader import list_shards, shard_name
     from mlcd_core.dist import barrier, init_distributed
     from mlcd_core.progress import progress
 
+    known = {o.name for o in embedder_options()}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"embed() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(embedder options: {', '.join(sorted(known))})")
     info = init_distributed(device=device)
     shard_paths = list_shards(shards)
     if not shard_paths:
@@ -207,52 +209,49 @@ def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim
             seen[n] = s
     # EMB's files and temporaries are replaced or deleted: never in a shard or model folder
     check_out_separate("--out", out, [("--shards", s) for s in sorted({os.path.dirname(s) for s in shard_paths})]
-                       + [("--model", p) for p in model_paths(model, pretrained)])
+                       + [("--model", p) for p in model_paths(model, options)])
     with output_lock(out, "embed"):  # one run at a time into this output (issue 15)
         meta_path = os.path.join(out, store.META)
         old = load_json(meta_path, expect=dict) if os.path.exists(meta_path) else None
         if old is not None:
             store.check_meta({"dim": 1, "counts": {}, **old}, meta_path)
 
-        opts = {"device": str(info.device) if device is None else device}
-        if model.startswith("open_clip:"):
-            opts["pretrained"] = pretrained
-        pca_path = os.path.join(out, "pca.npz")
-        if model == "pca":
-            opts.update(dim=dim, image_size=image_size)
-            if os.path.exists(pca_path) and not overwrite:
-                opts["projection"] = pca_path
-        embedder = get_embedder(model, **opts)
-        if (model == "pca" and "projection" in opts
-                and (embedder.dim, embedder.image_size) != (dim, image_size)):
-            raise MLCDError(f"{pca_path}: holds a dim-{embedder.dim} projection, --dim {dim} was asked "
-                            f"(image size {embedder.image_size} vs {image_size}); use --overwrite or another --out")
+        kind = embedder_kind(model)
+        embedder = get_embedder(model, device=str(info.device) if device is None else device,
+                                **kind_options(model, options))
+        # a kind fitted on the corpus keeps its fit in EMB (kind.state_file); a rerun resumes it
+        state_path = os.path.join(out, kind.state_file) if embedder.needs_fit and kind.state_file else None
+        if state_path is not None and os.path.exists(state_path) and not overwrite:
+            embedder.resume(state_path)
         embedder.autocast = autocast
         if old is not None and not overwrite and (old.get("embedder") != embedder.spec
                                                        or int(old.get("dim", -1)) != embedder.dim):
             raise MLCDError(f"{meta_path}: {out} holds embeddings of {old.get('embedder')!r} (dim {old.get('dim')}), "
                             f"not {embedder.spec!r} (dim {embedder.dim}); use --overwrite or another --out")
-        # every rank has read the folder's state (meta.json, pca.npz) before rank 0 changes it: a
-        # rank that joined the lock late would otherwise find rank 0's fresh pca.npz, skip the fit
-        # and its barrier, and pair its barriers off by one with rank 0's (a hang, seen under load)
+        # every rank has read the folder's state (meta.json, a fitted state file) before rank 0
+        # changes it: a rank that joined the lock late would otherwise find rank 0's fresh state
+        # file, skip the fit and its barrier, and pair its barriers off by one with rank 0's (a
+        # hang, seen under load)
         barrier()
         if info.is_main and overwrite:
             # no old shard may count as finished once this run has begun (before a refit replaces
-            # pca.npz): a run killed halfway must not leave a folder that a plain rerun would
+            # the state file): a run killed halfway must not leave a folder that a plain rerun would
             # complete with rows of two models
             for n in names:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(out, f"{n}.keys.npy"))
         if embedder.needs_fit:
+            if state_path is None:
+                raise MLCDError(f"{model}: this embedder needs a fit but its kind names no state_file to keep it in")
             if info.is_main:
-                fit_pca(embedder, shard_paths, pca_fit_samples, batch_size, workers)
-                embedder.save(pca_path)
+                fit_embedder(embedder, shard_paths, batch_size)
+                embedder.save(state_path)
             barrier()
             if not info.is_main:
-                embedder.load(pca_path)
-        describe = portable_identity(embedder.identity(), out)
+                embedder.load(state_path)
+        describe = portable_identity(embedder.identity(), out, embedder.state_key)
         if old is not None and not overwrite and old.get("embedder_info") is not None:
-            was = comparable_identity(old["embedder_info"], describe)
+            was = comparable_identity(old["embedder_info"], describe, embedder.state_key)
             differ = store.run_difference(was, {key: describe.get(key) for key in sorted(set(was) | set(describe))})
             if differ:
                 raise MLCDError(f"{meta_path}: {out} holds embeddings of another model under the same spec "
@@ -302,9 +301,8 @@ def embed(shards, out: str, model: str, *, pretrained: Optional[str] = None, dim
 def main(argv: list[str] | None = None) -> int:
     """``mlcd embed``'s command line: the flags of :func:`build_parser` -> :func:`embed`."""
     a = build_parser().parse_args(argv)
-    embed(a.shards, a.out, a.model, pretrained=a.pretrained, dim=a.dim, image_size=a.image_size,
-          pca_fit_samples=a.pca_fit_samples, batch_size=a.batch_size, workers=a.workers, device=a.device,
-          autocast=not a.no_autocast, overwrite=a.overwrite)
+    embed(a.shards, a.out, a.model, batch_size=a.batch_size, workers=a.workers, device=a.device,
+          autocast=not a.no_autocast, overwrite=a.overwrite, **{o.name: getattr(a, o.name) for o in embedder_options()})
     return 0
 
 

@@ -184,13 +184,24 @@ def _canonical_spec(spec: str) -> str:
     return f"{spec.partition(':')[0]}:{os.path.abspath(path)}" if path else spec
 
 
+def _embedder_options(args) -> dict:
+    """The embedder options the probe was given (its ``probe_flag`` s), by the registry's names;
+    an empty text is no value."""
+    from clustering.embedders import embedder_options
+
+    found = {}
+    for o in embedder_options():
+        value = getattr(args, o.probe_name, None) if o.probe_name else None
+        if value is not None and value != "":
+            found[o.name] = value
+    return found
+
+
 def _embed_split(spec: str, shards: str, emb_dir: str, args) -> None:
     from clustering import embed
 
-    pca = spec == "pca"
-    embed.embed(shards, emb_dir, spec, pretrained=args.pretrained or None, batch_size=args.batch_size,
-                workers=args.workers, device=args.device or None, overwrite=bool(args.overwrite_features),
-                **({"dim": args.pca_dim, "image_size": args.pca_image_size} if pca else {}))
+    embed.embed(shards, emb_dir, spec, batch_size=args.batch_size, workers=args.workers,
+                device=args.device or None, overwrite=bool(args.overwrite_features), **_embedder_options(args))
 
 
 def _load_emb(emb_dir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +247,7 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
     another key is cleared, so features are reused only for the very shards they were made of."""
     import shutil
 
+    from clustering.embedders import fitted_spec
     from mlcd_core.io import atomic_save_json, atomic_save_npy, json_field, load_json
 
     spec = _canonical_spec(spec)
@@ -251,7 +263,10 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
         if old.get("spec") == spec:
             info.update(old)
     keys = {"train": _shards_key(train_shards), "test": _shards_key(test_shards)}
-    if spec == "pca":  # test features use the projection fitted on the training split
+    # an embedder fitted on the corpus embeds the test split with the state fitted on the
+    # training split (its kind's state_file in emb_train): the test features depend on both
+    reuse = fitted_spec(spec, os.path.join(fdir, "emb_train"))
+    if reuse is not None:
         keys["test"]["fitted_on"] = keys["train"]
     data = {}
     for split, shards in (("train", train_shards), ("test", test_shards)):
@@ -268,10 +283,7 @@ def features_for(spec: str, train_shards: str, test_shards: str, out: str, args)
             print(f"mlcd probe: {split} features cached in {xp}", file=sys.stderr)
             data[split] = _load_cached(xp, yp)
             continue
-        split_spec = spec
-        if spec == "pca" and split == "test":  # the projection fitted on the training split
-            split_spec = "pca:" + os.path.join(fdir, "emb_train", "pca.npz")
-        _embed_split(split_spec, shards, emb_dir, args)
+        _embed_split(reuse if reuse is not None and split == "test" else spec, shards, emb_dir, args)
         x, y = _load_emb(emb_dir)
         atomic_save_npy(xp, x.astype(np.float32))
         atomic_save_npy(yp, y.astype(np.int64))
@@ -300,12 +312,11 @@ def check_probe_folders(args) -> None:
     inputs = []
     for option, src in (("--train", args.train), ("--test", args.test)):
         inputs += [(option, d) for d in sorted({os.path.dirname(s) for s in list_shards(src)})]
-    from clustering.embedders import spec_path
+    from clustering.embedders import embedder_options, spec_reads
 
-    if spec_path(args.embedder):
-        inputs.append(("--embedder", spec_path(args.embedder)))
-    if args.pretrained and os.path.exists(args.pretrained):
-        inputs.append(("--pretrained", args.pretrained))
+    flags = {o.name: o.probe_flag for o in embedder_options()}
+    inputs += [(flags[name] if name else "--embedder", path)  # the spec's own path, its option files
+               for name, path in spec_reads(args.embedder, _embedder_options(args))]
     check_out_separate("--out", args.out, inputs)
     check_out_separate("--out", os.path.join(args.out, "features"), inputs, replaces_out=True)
     if args.json:
@@ -344,15 +355,18 @@ def align_test_classes(train_shards: str, test_shards: str, y_test: np.ndarray) 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlcd probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clustering.embedders import embedder_options, model_help
+
     p.add_argument("--embedder", "--model", dest="embedder", required=True,
-                   help="open_clip:NAME | hf:PATH | mlcd:PATH | pca | pca:FILE.npz (clustering registry)")
+                   help=f"{model_help()} (the clustering embedder registry)")
     p.add_argument("--train", required=True, help="training shards with ground-truth cls (folder, tar, pattern)")
     p.add_argument("--test", required=True, help="test shards with ground-truth cls")
     p.add_argument("--out", required=True, help="output folder: features/<embedder>/, probe-<embedder>.json")
     p.add_argument("--json", default=None, help="result file (default OUT/probe-<embedder-slug>.json)")
-    p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag or local checkpoint file")
-    p.add_argument("--pca-dim", type=positive_int, default=64, help="pca: output dimension (default 64)")
-    p.add_argument("--pca-image-size", type=positive_int, default=32, help="pca: image side in pixels (default 32)")
+    kinds = p.add_argument_group("embedder options (each kind's own, from its registration)")
+    for o in embedder_options():
+        if o.probe_flag:
+            kinds.add_argument(o.probe_flag, dest=o.probe_name, type=o.type, default=o.default, help=o.help)
     p.add_argument("--knn-k", type=positive_int, default=20, help="neighbours that vote (default 20)")
     p.add_argument("--temperature", type=positive_float, default=0.07,
                    help="k-NN vote weight exp(sim/T) (default 0.07)")
@@ -422,12 +436,11 @@ class ProbeResult:
         return self.record["knn"]["top1"] if "knn" in self.record else None
 
 
-def probe(embedder: str, train: str, test: str, out: str, *, json: Optional[str] = None,
-          pretrained: Optional[str] = None, pca_dim: int = 64, pca_image_size: int = 32, knn_k: int = 20,
+def probe(embedder: str, train: str, test: str, out: str, *, json: Optional[str] = None, knn_k: int = 20,
           temperature: float = 0.07, l2_grid: Union[str, Sequence[float]] = DEFAULT_L2_TEXT,
           val_fraction: float = 0.2, max_iter: int = 500, seed: int = 0, linear: bool = True, knn: bool = True,
           batch_size: int = 256, workers: int = 2, device: Optional[str] = None,
-          overwrite_features: bool = False) -> ProbeResult:
+          overwrite_features: bool = False, **options) -> ProbeResult:
     """``mlcd probe``: linear probe and k-NN of the frozen features of ``embedder`` (any spec of
     the clustering registry) on the labelled shards ``train`` and ``test``.
 
@@ -435,16 +448,26 @@ def probe(embedder: str, train: str, test: str, out: str, *, json: Optional[str]
     ``json`` (default ``out/probe-<embedder-slug>.json``) and returned as a
     :class:`ProbeResult`.  Keywords are the command's flags (``linear=False`` is
     ``--no-linear``, ``knn=False`` is ``--no-knn``; ``l2_grid`` a sequence or the flag's
-    comma-separated text).  Bad input is an :class:`~mlcd_core.errors.MLCDError`.
+    comma-separated text), and as ``**options`` the embedder options the registry offers the
+    probe (their ``probe_flag`` s: ``pretrained`` for open_clip, ``pca_dim`` and
+    ``pca_image_size`` for pca); an omitted one takes its default.  Bad input is an
+    :class:`~mlcd_core.errors.MLCDError`.
     """
+    from clustering.embedders import embedder_options
     from mlcd_core.io import atomic_save_json
 
+    offered = {o.probe_name: o.default for o in embedder_options() if o.probe_name}
+    unknown = sorted(set(options) - set(offered))
+    if unknown:
+        raise TypeError(f"probe() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(embedder options: {', '.join(sorted(offered))})")
+    options = {**offered, **options}
+
     grid = l2_grid if isinstance(l2_grid, str) else ",".join(f"{float(v):.17g}" for v in l2_grid)
-    args = argparse.Namespace(embedder=embedder, train=train, test=test, out=out, json=json, pretrained=pretrained,
-                              pca_dim=pca_dim, pca_image_size=pca_image_size, knn_k=knn_k, temperature=temperature,
-                              l2_grid=grid, val_fraction=val_fraction, max_iter=max_iter, seed=seed,
-                              no_linear=not linear, no_knn=not knn, batch_size=batch_size, workers=workers,
-                              device=device, overwrite_features=overwrite_features)
+    args = argparse.Namespace(embedder=embedder, train=train, test=test, out=out, json=json, knn_k=knn_k,
+                              temperature=temperature, l2_grid=grid, val_fraction=val_fraction, max_iter=max_iter,
+                              seed=seed, no_linear=not linear, no_knn=not knn, batch_size=batch_size, workers=workers,
+                              device=device, overwrite_features=overwrite_features, **options)
     torch.manual_seed(seed)
     result = run_probe(args)
     path = json or os.path.join(out, f"probe-{os.path.basename(result['features'])}.json")
@@ -454,12 +477,14 @@ def probe(embedder: str, train: str, test: str, out: str, *, json: Optional[str]
 
 def main(argv: list[str] | None = None) -> int:
     """``mlcd probe``'s command line: the flags of :func:`build_parser` -> :func:`probe`."""
+    from clustering.embedders import embedder_options
+
     a = build_parser().parse_args(argv)
-    res = probe(a.embedder, a.train, a.test, a.out, json=a.json, pretrained=a.pretrained, pca_dim=a.pca_dim,
-                pca_image_size=a.pca_image_size, knn_k=a.knn_k, temperature=a.temperature, l2_grid=a.l2_grid,
-                val_fraction=a.val_fraction, max_iter=a.max_iter, seed=a.seed, linear=not a.no_linear,
-                knn=not a.no_knn, batch_size=a.batch_size, workers=a.workers, device=a.device,
-                overwrite_features=a.overwrite_features)
+    res = probe(a.embedder, a.train, a.test, a.out, json=a.json, knn_k=a.knn_k, temperature=a.temperature,
+                l2_grid=a.l2_grid, val_fraction=a.val_fraction, max_iter=a.max_iter, seed=a.seed,
+                linear=not a.no_linear, knn=not a.no_knn, batch_size=a.batch_size, workers=a.workers,
+                device=a.device, overwrite_features=a.overwrite_features,
+                **{o.probe_name: getattr(a, o.probe_name) for o in embedder_options() if o.probe_name})
     result, path = res.record, res.path
     parts = []
     if "linear" in result:

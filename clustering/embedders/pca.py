@@ -20,10 +20,14 @@ EPS = 1e-5
 
 
 class PCAEmbedder(Embedder):
-    def __init__(self, dim: int = 64, image_size: int = 32, projection: str | None = None, device=None, **_):
+    state_key = "projection"  # describe()'s key naming the fitted file (EMB/pca.npz, kept relative)
+
+    def __init__(self, dim: int = 64, image_size: int = 32, projection: str | None = None, device=None,
+                 pca_fit_samples: int = 5000, **_):
         super().__init__(device="cpu" if device is None else device, autocast=False)
         self.image_size = int(image_size)
         self.dim = int(dim)
+        self.fit_samples = int(pca_fit_samples)
         self.projection = None
         self.mean = self.w = None
         if projection is not None:
@@ -83,6 +87,15 @@ class PCAEmbedder(Embedder):
         self.image_size = size
         self._set(mean, comp, ev)
         self.projection = os.path.abspath(path)
+
+    def resume(self, path) -> None:
+        """Load the projection an earlier run fitted into this EMB folder; refused when it is not
+        of the ``dim`` and ``image_size`` asked now."""
+        asked = (self.dim, self.image_size)
+        self.load(path)
+        if (self.dim, self.image_size) != asked:
+            raise MLCDError(f"{path}: holds a dim-{self.dim} projection, --dim {asked[0]} was asked "
+                            f"(image size {self.image_size} vs {asked[1]}); use --overwrite or another --out")
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.w is None:
