@@ -15,6 +15,7 @@ API (what the trainer uses)::
     pfc.plan(labels_of_all_micro_batches)          # gradient accumulation: fix the sampled classes
                                                     # of the forwards up to the optimiser's next step
     pfc.last_index                                 # local rows sampled by the last forward (None = all)
+    pfc.check_inputs = False; pfc.step_tag = step  # no host-read input check (see below); default True
     class_range(num_classes, world_size, rank)     # -> (class_start, num_local)
 
 * Rank r of W owns the contiguous classes ``pfc.class_start .. pfc.class_start + pfc.num_local``
@@ -47,7 +48,19 @@ API (what the trainer uses)::
   ``pfc.weight`` is not averaged by anyone: do not wrap PartialFC in DDP.
 * Input errors (label outside [-1, num_classes), wrong label shape, batch or label width that
   differs across ranks, wrong embedding size) are decided collectively and raise MLCDError on
-  every rank, never a hang.
+  every rank, never a hang.  That check reads an all-gathered vector on the host (a host
+  sync).  ``pfc.check_inputs = False`` (the trainer: every step but its first and its sync
+  points) skips it for calls whose inputs have the structure (shapes, dtypes, devices) of the
+  last checked call of their kind (forward / plan; compared on the host, a change raises on
+  that rank): their label range goes into a device record that the next checking call
+  all-gathers and reports, the same one-line MLCDError on every rank, naming the unchecked
+  calls by ``pfc.step_tag`` (or a count of calls).  Out-of-range labels in between are
+  harmless: they are outside every rank's class range and count as padding.
+* Host syncs left in a forward without the check: ``sample_rate < 1`` selects the positives
+  (boolean mask, ``torch.unique``): the sampled set has max(num_sample, positives) rows, a
+  size the data decides (a fixed-size index would have to cover the global batch's labels,
+  at scale the whole shard); and the logits kernel lists this rank's positive pairs
+  (``nonzero``, boolean masks per chunk) at any sample rate.  See docs/architecture.md.
 * ``PartialFCOptimizer`` (``make_optimizer``) updates only the rows sampled since its last
   step (row-wise AdamW with per-row step counts, or SGD with momentum); rows not sampled keep
   their weight and optimiser state bit for bit.  Its state lives with the shard.  Its
@@ -82,6 +95,7 @@ from mlcd_core.io import atomic_torch_save, safe_torch_load
 from mlcd_train.losses import LOSSES, get_loss, loss_names
 
 FORMAT = "mlcd.partial_fc/1"
+_UNCHECKED_EMPTY = [0, -1, -1, 2**62, -2**62, 0]
 MARGINS = ("arc", "cos")
 _NORM_EPS = 1e-12
 
@@ -287,6 +301,16 @@ class PartialFC(nn.Module):
         self._pending: list[torch.Tensor | None] = []   # sampled rows since the optimiser's last step
         self._planned: tuple | None = None               # (index,) fixed by plan() until the next step
         self.last_index: torch.Tensor | None = None      # rows sampled by the last forward (None = all)
+        # input checks (see _validate): every call validates unless check_inputs is False
+        self.check_inputs = True
+        self.step_tag: int | None = None                 # names unchecked calls in errors (the trainer's step)
+        self._calls = 0                                  # forward / plan calls, the default tag
+        self._checked: dict[str, tuple] = {}             # kind -> input signature of its last validated call
+        self._tags_are_steps = False
+        # labels of unchecked calls, on the device: [range-bad calls, first tag, last tag, min, max,
+        # calls with -1 in labels[:, 0] (single-positive losses)]; read by the next validating call
+        self.register_buffer("_unchecked", torch.tensor(_UNCHECKED_EMPTY, dtype=torch.long, device=device),
+                             persistent=False)
 
     # ---- bookkeeping
     @property
@@ -340,9 +364,56 @@ class PartialFC(nn.Module):
         return state
 
     # ---- forward
-    def _validate(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _signature(emb, labels) -> tuple | None:
+        """What the collective check decides about the inputs' structure (host metadata only)."""
+        if not (torch.is_tensor(emb) and torch.is_tensor(labels)):
+            return None
+        return (tuple(emb.shape), emb.dtype, emb.device, tuple(labels.shape), labels.dtype, labels.device)
+
+    def _tag(self) -> int:
+        self._tags_are_steps = self.step_tag is not None
+        return int(self.step_tag) if self.step_tag is not None else self._calls
+
+    def _record_unchecked(self, labels: torch.Tensor) -> None:
+        """An unchecked call: fold its label-range verdict into ``_unchecked`` on the device (no
+        host read; Python scalars go in as kernel arguments, not host-to-device copies)."""
+        tag = self._tag()
+        mn, mx = torch.aminmax(labels)
+        bad_range = (mn < -1) | (mx >= self.num_classes)
+        r = self._unchecked
+        if self.loss_fn.single_positive:
+            missing = (labels[:, 0] < 0).any()
+            bad = bad_range | missing
+        else:
+            missing, bad = torch.zeros_like(bad_range), bad_range
+        r.copy_(torch.stack([r[0] + bad_range.long(), torch.where(bad & (r[1] < 0), tag, r[1]),
+                             torch.where(bad, tag, r[2]), torch.where(bad_range, torch.minimum(r[3], mn), r[3]),
+                             torch.where(bad_range, torch.maximum(r[4], mx), r[4]), r[5] + missing.long()]))
+
+    def _validate(self, emb: torch.Tensor, labels: torch.Tensor, kind: str = "forward") -> torch.Tensor:
         """Collective input check: every rank raises the same MLCDError, or none does.
-        Returns the labels as int64 [B, l]."""
+        Returns the labels as int64 [B, l].
+
+        With ``check_inputs`` False, a call whose inputs have the structure (shapes, dtypes,
+        devices) of the last validated call of its ``kind`` is not checked collectively: its
+        label range is folded into a device record (no host read) that the next validating call
+        all-gathers and reports (every rank raises the same error, naming the unchecked calls
+        by ``step_tag``).  Out-of-range labels in between are harmless: they fall outside every
+        rank's class range, so they count as padding.  A call of a kind never validated is
+        validated anyway (every rank alike); one whose structure changed raises on its rank."""
+        self._calls += 1
+        sig = self._signature(emb, labels)
+        if not self.check_inputs and kind in self._checked:
+            if sig != self._checked[kind]:
+                raise MLCDError(f"PartialFC input: the {kind} inputs changed structure since the last validated call "
+                                f"({self._checked[kind]} -> {sig}) while check_inputs is off; validate such calls "
+                                "(check_inputs=True) on every rank")
+            labels = labels.long()
+            if labels.dim() == 1:
+                labels = labels.unsqueeze(1)
+            self._record_unchecked(labels)
+            return labels
         problems = {1: "embeddings must be a floating tensor [batch, embedding_size]",
                     2: "labels must be an integer tensor [batch] or [batch, l] with l >= 1",
                     3: "labels and embeddings have different batch sizes",
@@ -366,19 +437,21 @@ class PartialFC(nn.Module):
         elif emb.shape[0] == 0:
             code = 5
         dev = self.weight.device
+        record = self._unchecked.to(dev)
         if code == 0:
             labels = labels.long()
             if labels.dim() == 1:
                 labels = labels.unsqueeze(1)
             shape = torch.tensor(labels.shape, device=dev)
             meta = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), shape,
-                              labels.min().reshape(1), labels.max().reshape(1)])
+                              labels.min().reshape(1), labels.max().reshape(1), record])
         else:
-            meta = torch.tensor([code, 0, 0, 0, 0], dtype=torch.long, device=dev)
+            meta = torch.cat([torch.tensor([code, 0, 0, 0, 0], dtype=torch.long, device=dev), record])
         if self.world_size > 1:
             metas = _all_gather(meta.unsqueeze(0), self.group, self.world_size).tolist()
         else:
             metas = [meta.tolist()]
+        self._unchecked.copy_(torch.tensor(_UNCHECKED_EMPTY, dtype=torch.long))  # read: the window restarts
         bad = [(r, m[0]) for r, m in enumerate(metas) if m[0]]
         if bad:
             where = "; ".join(f"rank {r}: {problems[c]}" for r, c in bad)
@@ -389,6 +462,21 @@ class PartialFC(nn.Module):
                             "every rank must pass the same batch size")
         if len(set(widths)) > 1:
             raise MLCDError(f"PartialFC input: the label width l differs across ranks {widths}")
+        late = [(r, m[5:]) for r, m in enumerate(metas) if m[5] or m[10]]
+        if late:
+            unit = "step" if self._tags_are_steps else "call"
+            first = min(rec[1] for _, rec in late)
+            last = max(rec[2] for _, rec in late)
+            parts = []
+            for r, (n_range, _a, _b, lo, hi, n_missing) in late:
+                if n_range:
+                    parts.append(f"rank {r}: {n_range} call(s) with labels outside [0, num_classes={self.num_classes}) "
+                                 f"(-1 = padding), min {lo} max {hi}")
+                if n_missing:
+                    parts.append(f"rank {r}: {n_missing} call(s) with -1 padding in labels[:, 0], which "
+                                 f"loss={self.loss_type!r} needs a class in")
+            raise MLCDError(f"PartialFC labels: bad labels in unchecked {unit}s {first}..{last} "
+                            f"(found at {unit} {self._tag()}): " + "; ".join(parts))
         out = [(r, m[3], m[4]) for r, m in enumerate(metas) if m[3] < -1 or m[4] >= self.num_classes]
         if out:
             raise MLCDError("PartialFC labels: values outside [0, num_classes={}) (-1 = padding): {}".format(
@@ -401,6 +489,7 @@ class PartialFC(nn.Module):
             if first_bad.item():
                 raise MLCDError(f"PartialFC labels: loss={self.loss_type!r} needs a class in labels[:, 0] of every "
                                 "sample (found -1 padding)")
+        self._checked[kind] = sig
         return labels
 
     def _sample(self, labels: torch.Tensor):
@@ -430,7 +519,7 @@ class PartialFC(nn.Module):
         labels of every micro-batch of the coming step; collective) and keep it for the
         forwards until the optimiser's next step (``take_sampled``)."""
         dummy = torch.zeros(local_labels.shape[0], self.embedding_size, device=self.weight.device)
-        labels = self._validate(dummy, local_labels)
+        labels = self._validate(dummy, local_labels, kind="plan")
         if self.world_size > 1:
             labels = _all_gather(labels, self.group, self.world_size)
         if self.loss_fn.single_positive:
@@ -503,7 +592,9 @@ class PartialFC(nn.Module):
             return False
         if any(p is None for p in pending):
             return None
-        return pending[0] if len(pending) == 1 else torch.unique(torch.cat(pending))
+        if all(p is pending[0] for p in pending):  # one forward, or the micro-batches of one plan:
+            return pending[0]                         # already sorted and unique, no torch.unique (a host sync)
+        return torch.unique(torch.cat(pending))
 
 
 # --------------------------------------------------------------------------- the optimiser

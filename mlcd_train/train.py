@@ -684,6 +684,11 @@ class Trainer:
             # negative sampling and any other torch randomness: a function of (seed, step, rank)
             torch.manual_seed(mix_seed(cfg.seed, step, info.rank))
             self.pfc.generator.manual_seed(mix_seed(cfg.seed, step, info.rank, 0xFC))
+            # Partial FC's collective input check reads its verdict on the host: only on this run's
+            # first step and on sync points; the steps between fold their label range into a device
+            # record that the next check reports (naming the steps)
+            self.pfc.check_inputs = step == start or self._sync_point(step + 1, total)
+            self.pfc.step_tag = step + 1
             loss_t, gnorm_t, ok_t = accumulate_step(self.model, self.pfc, micro, params, clip,
                                                     (self.opt, self.pfc_opt), amp, self.scaler, clip_fn,
                                                     sync=False)
