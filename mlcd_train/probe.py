@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_probe(args) -> dict:
+def check_probe_args(args) -> list[float]:
+    """The L2 grid of ``args`` and the folder checks, before anything is written (or locked)."""
     try:
         grid = [float(v) for v in args.l2_grid.split(",") if v.strip()]
     except ValueError:
@@ -394,6 +395,12 @@ def run_probe(args) -> dict:
     if not grid or any(not math.isfinite(v) or v < 0 for v in grid):
         raise MLCDError(f"--l2-grid {args.l2_grid!r}: needs one or more finite non-negative numbers")
     check_probe_folders(args)
+    return grid
+
+
+def run_probe(args, grid: Optional[list] = None) -> dict:
+    if grid is None:
+        grid = check_probe_args(args)
     t0 = time.perf_counter()
     fdir, data = features_for(args.embedder, args.train, args.test, args.out, args)
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
@@ -468,10 +475,14 @@ def probe(embedder: str, train: str, test: str, out: str, *, json: Optional[str]
                               temperature=temperature, l2_grid=grid, val_fraction=val_fraction, max_iter=max_iter,
                               seed=seed, no_linear=not linear, no_knn=not knn, batch_size=batch_size, workers=workers,
                               device=device, overwrite_features=overwrite_features, **options)
+    from mlcd_core.lock import output_lock
+
     torch.manual_seed(seed)
-    result = run_probe(args)
-    path = json or os.path.join(out, f"probe-{os.path.basename(result['features'])}.json")
-    atomic_save_json(path, result)
+    grid = check_probe_args(args)  # a refused --out (an input folder) is never locked or created
+    with output_lock(out, "probe"):  # one probe at a time into this output (issue 15)
+        result = run_probe(args, grid)
+        path = json or os.path.join(out, f"probe-{os.path.basename(result['features'])}.json")
+        atomic_save_json(path, result)
     return ProbeResult(result, path)
 
 

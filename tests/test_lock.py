@@ -253,6 +253,17 @@ def test_rank_gives_up_when_rank_0_never_locks(tmp_path, monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_lock_wait_must_be_finite_seconds(tmp_path, monkeypatch, value):
+    """MLCD_LOCK_WAIT=nan or inf made a rank other than 0 wait for ever (nan never expires)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MLCD_LOCK_WAIT", value)
+    with pytest.raises(MLCDError, match=f"MLCD_LOCK_WAIT={value!r}: expected a finite number of seconds"):
+        with output_lock(tmp_path / "out", "train"):
+            pass
+
+
 # ------------------------------------------------------------------ the stages take it
 def _mlcd(*argv, **popen):
     return subprocess.Popen([sys.executable, "-m", "mlcd_train.cli", *argv], stdout=subprocess.PIPE,
@@ -332,3 +343,58 @@ def test_a_folder_created_by_the_lock_is_removed_if_left_empty(tmp_path):
     with output_lock(tmp_path / "old", "test"):
         pass
     assert (tmp_path / "old").is_dir()  # it existed before: left alone
+
+
+PROBE_HOLDS = textwrap.dedent("""
+    import sys
+    from mlcd_train import probe
+
+    def run_probe(args, grid=None):  # the first probe, stopped while it holds OUT's lock
+        print("running", flush=True)
+        sys.stdin.readline()
+        return {"features": "stub", "embedder": "pca", "n_train": 0, "n_test": 0}
+
+    probe.run_probe = run_probe
+    sys.exit(probe.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_a_second_probe_into_the_same_out_is_refused_naming_the_first(tmp_path):
+    from tests.test_probe_cache import _argv, _split
+
+    train = _split(tmp_path / "a", ["cat", "dog"], 2, seed=0)
+    test = _split(tmp_path / "b", ["cat", "dog"], 2, seed=1)
+    out = tmp_path / "probe"
+    first = subprocess.Popen([sys.executable, "-c", PROBE_HOLDS, *_argv(train, test, out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
+    try:
+        assert first.stdout.readline().strip() == "running", first.stderr.read()[-2000:]
+        holder = json.loads((out / LOCK_NAME).read_text())
+        assert holder["pid"] == first.pid and holder["stage"] == "probe"
+        second = _mlcd("probe", *_argv(train, test, out))
+        _, err = second.communicate(timeout=240)
+        assert second.returncode == 2, err[-2000:]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mlcd probe: error:"), err
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and "mlcd probe" in err and "since" in err
+        assert not list(out.glob("probe-*.json")) and (out / LOCK_NAME).exists()  # the holder's lock left alone
+        _, err1 = first.communicate("\n", timeout=60)
+        assert first.returncode == 0, err1[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (out / LOCK_NAME).exists()  # released when the first probe ended
+    assert (out / "probe-stub.json").exists()  # written under the lock
+
+
+def test_probe_checks_its_folders_before_it_locks(tmp_path):
+    """--out the training shards' own folder: refused by name, and no lock file put there."""
+    from mlcd_train import probe
+    from tests.test_probe_cache import _argv, _split
+
+    train = _split(tmp_path / "a", ["cat"], 1, seed=0)
+    with pytest.raises(MLCDError, match="a stage never writes into a folder it reads"):
+        probe.main(_argv(train, train, train))
+    assert not (train / LOCK_NAME).exists()
