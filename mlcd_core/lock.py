@@ -344,7 +344,10 @@ def _join(target: Path, path: Path, key: str) -> Lock:
     try:
         wait_s = float(os.environ.get(WAIT_VAR, "120"))
     except ValueError:
-        raise MLCDError(f"environment variable {WAIT_VAR}={os.environ.get(WAIT_VAR)!r}: expected seconds") from None
+        wait_s = float("nan")
+    if not 0 <= wait_s < float("inf"):  # nan or inf: a rank would wait for ever
+        raise MLCDError(f"environment variable {WAIT_VAR}={os.environ.get(WAIT_VAR)!r}: expected a finite "
+                        "number of seconds >= 0")
     deadline = time.monotonic() + wait_s
     while True:
         holder = _read_holder(path)
