@@ -125,8 +125,8 @@ def load_json(path: str | os.PathLike, expect: type | None = None) -> Any:
         obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise MLCDError(f"{path}: not valid JSON (not UTF-8: {exc})") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise MLCDError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an integer of > 4300 digits
+        raise MLCDError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
     if expect is not None and not _is_type(obj, expect):
         raise MLCDError(f"{path}: expected {_JSON_TYPES.get(expect, expect.__name__)} at the top level, "
                         f"found {_json_kind(obj)}")
@@ -168,16 +168,21 @@ def json_field(obj: dict, key: str, kind, path: str | os.PathLike, *, default: A
     return value
 
 
+#: no shard or embeddings file holds more samples than this (a tar needs 512 bytes a sample: 512 TiB)
+MAX_COUNT = 1 << 40
+
+
 def json_counts(obj: Any, path: str | os.PathLike, key: str | None = None) -> dict:
     """A {file name: non-negative integer} mapping (``sizes.json``, ``meta.json`` counts) checked
-    entry by entry: every name a plain file name (:func:`check_name`), every count an int."""
+    entry by entry: every name a plain file name (:func:`check_name`), every count an int in
+    0 .. MAX_COUNT (a count is used to size arrays and skip passes before any file is read)."""
     where = f"key {key!r}" if key else "top level"
     if not isinstance(obj, dict):
         raise MLCDError(f"{path}: {where} should be an object {{name: count}}, found {_json_kind(obj)}")
     for name, n in obj.items():
         check_name(name, path, "shard name")
-        if not _is_type(n, int) or n < 0:
-            raise MLCDError(f"{path}: count of {name!r} ({where}) should be a non-negative integer, "
+        if not _is_type(n, int) or not 0 <= n <= MAX_COUNT:
+            raise MLCDError(f"{path}: count of {name!r} ({where}) should be an integer in 0..{MAX_COUNT}, "
                             f"found {_json_kind(n)} ({str(n)[:40]!r})")
     return obj
 

@@ -55,6 +55,7 @@ import io
 import logging
 import math
 import os
+import stat
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -106,12 +107,7 @@ def _expand_one(src: str) -> list[str]:
     if p.is_dir():
         sizes = p / "sizes.json"
         if sizes.is_file():
-            from mlcd_core.io import json_counts, load_json
-
-            names = list(json_counts(load_json(sizes), sizes))  # plain file names: stay in ``p``
-            missing = [n for n in names if not (p / n).is_file()]
-            if missing:
-                raise MLCDError(f"{p / missing[0]}: listed in {sizes} but missing")
+            names = list(sizes_counts(str(p)))  # plain file names: stay in ``p``; counts checked
             return [str((p / n).resolve()) for n in names]
         return [str(q.resolve()) for q in sorted(p.glob("*.tar"))]
     if any(ch in src for ch in "*?["):
@@ -146,17 +142,48 @@ def count_records(path: str) -> int:
     return n
 
 
-def read_sizes(shards: Iterable[str]) -> dict[str, int]:
-    """{shard path: sample count} from each folder's ``sizes.json``; tars it does not list are counted."""
+#: the largest class id a ``.cls`` member may hold (stored as int32)
+MAX_CLS = 2 ** 31 - 1
+
+#: the fewest bytes a sample takes in a tar: one member's header
+TAR_BLOCK = 512
+
+
+def sizes_counts(folder: str) -> dict[str, int]:
+    """``FOLDER/sizes.json`` checked: {plain file name: count}, every listed shard a file of
+    this folder that can hold its count (a tar needs a 512-byte header a sample, so a count above
+    its size / 512 cannot be true); else an MLCDError naming sizes.json."""
     from mlcd_core.io import json_counts, load_json
 
+    f = os.path.join(folder, "sizes.json")
+    counts = json_counts(load_json(f), f)
+    for name, n in counts.items():
+        path = os.path.join(folder, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise MLCDError(f"{path}: listed in {f} but missing") from None
+        except OSError as exc:
+            raise MLCDError(f"{path}: listed in {f} but cannot be read ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise MLCDError(f"{path}: listed in {f} but missing (not a regular file)")
+        if n > st.st_size // TAR_BLOCK:
+            raise MLCDError(f"{f}: count of {name!r} is {n}, but {path} has {st.st_size} bytes, room for at "
+                            f"most {st.st_size // TAR_BLOCK} samples (each takes a {TAR_BLOCK}-byte tar header); "
+                            "the shards were changed after `mlcd shards` wrote sizes.json")
+    return counts
+
+
+def read_sizes(shards: Iterable[str]) -> dict[str, int]:
+    """{shard path: sample count} from each folder's ``sizes.json`` (:func:`sizes_counts`);
+    tars it does not list are counted."""
     cache: dict[str, dict] = {}
     out = {}
     for s in shards:
         folder, name = os.path.split(s)
         if folder not in cache:
             f = os.path.join(folder, "sizes.json")
-            cache[folder] = json_counts(load_json(f), f) if os.path.isfile(f) else {}
+            cache[folder] = sizes_counts(folder) if os.path.isfile(f) else {}
         n = cache[folder].get(name)
         out[s] = int(n) if n is not None else count_records(s)
     return out
@@ -313,6 +340,8 @@ def decode_record(members: dict) -> tuple[Any, Optional[int]]:
             cls = int(members["cls"].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample(f"bad cls {members['cls'][:20]!r}") from None
+        if not 0 <= cls <= MAX_CLS:  # class ids are stored as int32 (EMB/<shard>.cls.npy)
+            raise CorruptSample(f"bad cls {members['cls'][:20]!r} (a class id is in 0..{MAX_CLS})")
     try:
         image = to_rgb8(Image.open(io.BytesIO(members[ext])))
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on bad data

@@ -333,13 +333,25 @@ def resolve_preset(spec: str, relative_to: Path | None = None) -> Path:
                     f"(presets: {', '.join(names) or 'none'})")
 
 
+MAX_YAML_BYTES = 16 << 20
+
+
 def load_yaml_chain(path: Path, _seen: tuple = ()) -> list[tuple[Path, dict]]:
     """The YAML file and the files it inherits from (``base:``), outermost base first."""
     if path in _seen:
         raise MLCDError(f"{path}: 'base' chain loops back to itself")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+    from mlcd_core.io import read_regular
+
+    try:  # a regular file of bounded size (a config is never near 16 MiB), UTF-8, nesting bounded
+        data = yaml.safe_load(read_regular(path, MAX_YAML_BYTES, "config file").decode("utf-8")) or {}
+    except MLCDError:
+        raise
+    except OSError as exc:
+        raise MLCDError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise MLCDError(f"{path}: not valid YAML (not UTF-8: {exc})") from None
+    except RecursionError:
+        raise MLCDError(f"{path}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as exc:
         raise MLCDError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):

@@ -519,7 +519,11 @@ def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Opti
             _check_size(v, key, cfg_path)
     if not isinstance(hc.layer_norm_eps, (int, float)) or isinstance(hc.layer_norm_eps, bool):
         raise MLCDError(f"{cfg_path}: layer_norm_eps should be a number, found {hc.layer_norm_eps!r}"[:200])
-    canon = canonical_hf_state_dict(read_hf_weights(hf_dir))
+    weights = read_hf_weights(hf_dir)
+    try:
+        canon = canonical_hf_state_dict(weights)
+    except MLCDError as exc:  # name the folder the weights came from
+        raise MLCDError(f"{hf_dir}: {exc}") from None
     has_proj = pos_embed == "abs" and "visual_projection.weight" in canon
     if not has_proj:
         canon.pop("visual_projection.weight", None)
@@ -552,10 +556,18 @@ def import_from_hf(hf_dir: str | os.PathLike, *, verify: bool = True, name: Opti
                patch_size=one(hc.patch_size, "patch_size"), width=hc.hidden_size, layers=hc.num_hidden_layers,
                heads=hc.num_attention_heads, mlp_ratio=hc.intermediate_size / hc.hidden_size,
                pos_embed=pos_embed, output_dim=output_dim, act=act)
-    sd = hf_to_native_state_dict(canon, cfg)
-    if proj is not None:
-        sd["proj"] = proj
-    model = build_and_load(cfg, sd, str(hf_dir))
+    # a size the weights do not have is the config's (a key left out takes transformers'
+    # default) or the weights': the message names both
+    where = f"{cfg_path} against the weights in {hf_dir}"
+    try:
+        sd = hf_to_native_state_dict(canon, cfg)
+        if proj is not None:
+            sd["proj"] = proj
+        model = build_and_load(cfg, sd, where)
+    except MLCDError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise MLCDError(f"{where}: {exc}") from None
     if verify:
         # transformers' own module, given the file's tensors by name alone (not through our
         # mapping), so that a mistake in hf_to_native_state_dict shows as a divergence

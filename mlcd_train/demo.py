@@ -307,7 +307,6 @@ def check_hf_reload(native_pt: str, hf_dir: str, test_shards: str, n_images: int
     token and the pooled output must agree; otherwise an MLCDError says where they diverge.
     """
     import torch
-    import transformers
 
     from clustering.embedders import clip_transform
     from mlcd_train import convert
@@ -315,15 +314,11 @@ def check_hf_reload(native_pt: str, hf_dir: str, test_shards: str, n_images: int
     from mlcd_train.export import load_model
 
     model = load_model(native_pt).float().eval()
-    cfg_path = Path(hf_dir) / "config.json"
-    if not cfg_path.is_file():
+    if not (Path(hf_dir) / "config.json").is_file():
         raise MLCDError(f"{hf_dir}: no config.json; the conversion did not write a Hugging Face directory")
-    arch = (json.loads(cfg_path.read_text()).get("architectures") or ["AutoModel"])[0]
-    hf_cls = getattr(transformers, arch, transformers.AutoModel)
-    try:
-        hf_model = hf_cls.from_pretrained(hf_dir, local_files_only=True).float().eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise MLCDError(f"{hf_dir}: transformers cannot reload the converted model ({exc})") from None
+    # convert's own reload: config.json read checked, safetensors only (nothing unpickled), and a
+    # key transformers would fill at random refused
+    hf_model = convert.load_hf(hf_dir)
     tf = clip_transform(int(model.config.image_size))
     images = []
     for s in ShardDataset(test_shards, transform=tf):

@@ -44,6 +44,7 @@ import torch
 
 from mlcd_train import config as C
 from mlcd_train.utils.errors import MLCDError
+from mlcd_core.args import nonneg_float, positive_float, positive_int
 
 GIB = 1024 ** 3
 PFC_CHUNK = {"cuda": 1 << 26, "cpu": 1 << 21}  # PartialFC's default max_chunk_elems per device
@@ -277,11 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "checkpointing), under DDP and FSDP; the largest batch that fits and the "
                                 "accumulation steps the config's global batch then needs.")
     p.add_argument("--config", "-c", required=True, help="YAML config file or preset name in configs/")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--headroom", type=float, default=0.1,
+    p.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--headroom", type=nonneg_float, default=0.1,  # < 1 checked in main
                    help="fraction kept free for the CUDA context, allocator fragmentation, NCCL (default 0.1)")
-    p.add_argument("--batch", type=int, default=None, help="per-GPU micro-batch to price (default: global / gpus)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="per-GPU micro-batch to price (default: global / gpus)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
     return p
 

@@ -43,7 +43,6 @@ rank 0; ``OUT/config.yaml`` is the resolved config.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -285,15 +284,15 @@ class Trainer:
         err = None
         if info.is_main:
             try:
-                from mlcd_train.data.reader import list_shards
+                from mlcd_train.data.reader import list_shards, sizes_counts
 
                 for src in data_sources(cfg):
                     shards = list_shards(src["shards"])
                     if not shards:
                         key = "data.sources" if cfg.data.sources else "data.shards"
                         raise MLCDError(f"config key '{key}': no shards found in {src['shards']}")
-                    sizes_path = Path(src["shards"]) / "sizes.json"
-                    sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else None
+                    sizes_path = Path(src["shards"]) / "sizes.json"  # read checked (issue 15), as list_shards does
+                    sizes = sizes_counts(src["shards"]) if sizes_path.is_file() else None
                     check_labels(shards, src["labels"], sizes, cfg.loss.l, cfg.data.check_keys_shards)
             except MLCDError as exc:
                 err = str(exc)

@@ -3,17 +3,19 @@
 For each file, each key (and each key of the objects nested in it) gets in turn: a value of
 another JSON type (a list for an object, a string for a number, ...), null, a huge integer
 (10**400), a number that overflows a float (1e999, read as inf), and a nested null inside a
-list or object.  The stage must then finish (status 0) or stop with status 2 and one line
+list or object, or is left out.  The stage must then finish (status 0) or stop with status 2 and one line
 naming the file; never a traceback.  tests/test_hostile.py covers the type swaps of the
-embeddings, centres, labels, shard-progress and checkpoint meta files; this file adds
-null / huge values there and the files it leaves out: the export sidecar (`mlcd convert`),
-a Hugging Face config.json (`mlcd convert --from-hf`) and sizes.json.
+embeddings, centres, labels (as `mlcd assign` rereads them) and shard-progress files; this
+file adds null / huge / missing values there and the files it leaves out: the export sidecar
+(`mlcd convert`), a Hugging Face config.json (`mlcd convert --from-hf`), a checkpoint's
+meta.json, and the labels meta.json and sizes.json as `mlcd train` reads them.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mlcd_train.cli import run_stage
@@ -61,6 +63,18 @@ def mutations(obj):
         for label, text in (("other type", _OTHER[_kind(value)]), ("null", "null"), ("huge int", HUGE_INT),
                             ("inf", INF), ("nested null", nested)):
             yield f"{'.'.join(map(str, path))}: {label}", _replaced(obj, path, text)
+        yield f"{'.'.join(map(str, path))}: missing", _removed(obj, path)
+
+
+def _removed(obj, path: tuple) -> str:
+    import copy
+
+    new = copy.deepcopy(obj)
+    node = new
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    return json.dumps(new)
 
 
 def fuzz(path: Path, run, capsys, *, min_cases: int = 10, names: tuple = ()) -> int:
@@ -97,8 +111,11 @@ def test_mutations_cover_nested_keys():
     assert json.loads(cases["a: inf"])["a"] == float("inf")
     assert json.loads(cases["cfg: other type"]) == {"a": 1, "cfg": []}
     assert json.loads(cases["cfg: nested null"]) == {"a": 1, "cfg": {"b": None}}
+    assert json.loads(cases["cfg.b: missing"]) == {"a": 1, "cfg": {}}
+    assert json.loads(cases["a: missing"]) == {"cfg": {"b": "x"}}
 
 
+@pytest.mark.slow  # ~50 conversions
 def test_export_sidecar_fuzz(tmp_path, capsys):
     from mlcd_train.export import load_model, save_native
     from mlcd_train.models import create_model, model_config_to_dict
@@ -125,6 +142,7 @@ def test_export_sidecar_fuzz(tmp_path, capsys):
         fuzz(pt.with_suffix(".json"), load, capsys, names=(pt.name,))
 
 
+@pytest.mark.slow  # ~50 conversions
 def test_hf_config_fuzz(tmp_path, capsys):
     import transformers
 
@@ -160,7 +178,7 @@ def test_sizes_and_embedding_meta_fuzz_with_nulls_and_huge_numbers(tmp_path, cap
                                                           "--niter", "1"]), capsys)
 
 
-def test_checkpoint_and_labels_meta_fuzz(tmp_path, capsys):
+def test_checkpoint_meta_fuzz(tmp_path, capsys):
     from mlcd_train.trainer import checkpoint as ck
 
     step = tmp_path / "ck" / "step_00000001"
@@ -176,3 +194,31 @@ def test_checkpoint_and_labels_meta_fuzz(tmp_path, capsys):
         return 0
 
     fuzz(step / "meta.json", read_meta, capsys)
+
+
+@pytest.mark.slow
+def test_labels_meta_and_sizes_fuzz_through_train(tmp_path, capsys):
+    """`mlcd train` reads LABELS/meta.json (k, topk, centroids_sha) and SHARDS/sizes.json: a
+    mutated file is refused with one line naming it, or the run stops where the unmutated one
+    does (its last shard's label files are missing, so no training step is ever paid for)."""
+    from tests.fixtures import make_random_shards
+    from tests.test_train import TINY, make_labels
+
+    sh = make_random_shards(tmp_path, n=8, size=8, num_classes=2, shard_size=4)
+    lbl = make_labels(sh, tmp_path / "labels", k=4, topk=2)
+    meta = json.loads((lbl / "meta.json").read_text())
+    meta["centroids_sha"] = "ab" * 32
+    (lbl / "meta.json").write_text(json.dumps(meta))
+    last = sorted(lbl.glob("*.labels.npy"))[-1]
+    last.unlink()
+    n = iter(range(10 ** 6))
+
+    def train():
+        return run_stage("train", [f"output_dir={tmp_path / f'o{next(n)}'}", f"data.shards={sh}",
+                                   f"data.labels={lbl}", *TINY, "loss.l=2", "train.global_batch_size=4",
+                                   "data.num_workers=0"])
+
+    capsys.readouterr()
+    assert train() == 2 and last.name in capsys.readouterr().err  # the base: stops at the missing file
+    assert fuzz(lbl / "meta.json", train, capsys) > 20
+    assert fuzz(sh / "sizes.json", train, capsys) > 10

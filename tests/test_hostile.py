@@ -105,6 +105,32 @@ def test_partial_fc_and_embeddings_never_unpickle(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a conversion
+def test_demo_reload_reads_safetensors_only(tmp_path):
+    """The demo's HF reload check goes through convert's load_hf: a folder whose weights are a
+    pickled pytorch_model.bin (here carrying a payload) is refused naming it, never unpickled."""
+    from mlcd_train import demo
+    from mlcd_train.cli import run_stage
+    from mlcd_train.export import save_native
+    from mlcd_train.models import create_model, model_config_to_dict
+
+    torch.manual_seed(0)
+    m = create_model("ViT-Tiny-4-28", pos_embed="abs", width=32, layers=1, heads=2, output_dim=8)
+    pt, hf = tmp_path / "x.pt", tmp_path / "hf"
+    save_native(m.state_dict(), model_config_to_dict(m), pt)
+    assert run_stage("convert", ["--checkpoint_path", str(pt), "--pytorch_dump_folder_path", str(hf),
+                                 "--no_verify"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(hf / "model.safetensors")
+    marker = tmp_path / "pwned"
+    torch.save({**weights, "x": _Payload(str(marker))}, hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    with pytest.raises(MLCDError, match=r"hf: transformers .*\(safetensors weights only\)"):
+        demo.check_hf_reload(str(pt), str(hf), str(tmp_path / "no_shards"))
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------- helpers
 
 def _stage(name, argv, capsys):
@@ -362,6 +388,34 @@ def test_idx_gzip_bomb_is_never_expanded(tmp_path, monkeypatch):
     assert shards.read_idx(sample_paths("test")[1]).shape == (1000,)
 
 
+def test_sizes_json_counts_are_bounded_before_use(tmp_path, capsys):
+    """A count in sizes.json sizes arrays and skips whole passes before a byte of the shard is
+    read: one above 2**40, or above what the tar's size can hold (a sample takes at least one
+    512-byte header), is refused naming sizes.json; every reader lists shards through it."""
+    from mlcd_core.io import MAX_COUNT
+    from mlcd_train.cli import run_stage
+    from mlcd_train.data.reader import list_shards, read_sizes
+    from tests.fixtures import make_random_shards
+
+    sh = make_random_shards(tmp_path, n=8, size=8, num_classes=2, shard_size=4)
+    sizes = json.loads((sh / "sizes.json").read_text())
+    name = sorted(sizes)[0]
+    room = (sh / name).stat().st_size // 512
+    assert list_shards(sh) and read_sizes(list_shards(sh))[str(sh / name)] == 4  # the true counts pass
+    for bad, match in ((room + 1, rf"count of '{name}' is {room + 1}, but .* room for at most {room} samples"),
+                       (MAX_COUNT + 1, rf"count of '{name}' .* should be an integer in 0..{MAX_COUNT}")):
+        (sh / "sizes.json").write_text(json.dumps({**sizes, name: bad}))
+        for read in (lambda: list_shards(sh), lambda: read_sizes([str(sh / name)])):
+            with pytest.raises(MLCDError, match=r"sizes.json: " + match):
+                read()
+        capsys.readouterr()
+        assert run_stage("embed", ["--shards", str(sh), "--out", str(tmp_path / "e"), "--model", "pca"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sizes.json: count of" in err[0], err
+    (sh / "sizes.json").write_text(json.dumps({**sizes, name: room}))  # at the bound: accepted
+    assert read_sizes([str(sh / name)])[str(sh / name)] == room
+
+
 # ----------------------------------------------------------------------- 7. option ranges
 
 BAD_OPTIONS = [
@@ -385,6 +439,10 @@ BAD_OPTIONS = [
     ("probe", ["--embedder", "pca", "--train", "A", "--test", "B", "--out", "O"], "--max-iter", ["0"]),
     ("convert", ["--checkpoint_path", "X", "--pytorch_dump_folder_path", "O"], "--image_size", ["-1"]),
     ("convert", ["--checkpoint_path", "X", "--pytorch_dump_folder_path", "O"], "--num_heads", ["0"]),
+    ("plan", ["--config", "C", "--gpus", "1"], "--gpu-memory", ["nan", "inf", "0"]),
+    ("plan", ["--config", "C", "--gpus", "1"], "--headroom", ["nan", "-0.1"]),
+    ("plan", ["--config", "C"], "--gpus", ["0", "x"]),
+    ("plan", ["--config", "C", "--gpus", "1"], "--batch", ["0"]),
 ]
 
 
@@ -465,7 +523,6 @@ def _fuzz(path: Path, run, capsys, keys=None):
 def test_meta_files_with_wrong_types_name_the_file(tmp_path, capsys):
     from mlcd_train.cli import run_stage
     from mlcd_train.data import shards as shards_mod
-    from mlcd_train.trainer import checkpoint as ck
     from tests.fixtures import make_random_shards
 
     emb = _emb(tmp_path / "emb")
@@ -509,7 +566,7 @@ def test_meta_files_with_wrong_types_name_the_file(tmp_path, capsys):
                                       "--dim", "2", "--image-size", "4", "--workers", "0"]), capsys,
           keys=("embedder", "dim", "embedder_info", "counts", "complete"))
 
-    # the shards progress file and a checkpoint's meta.json
+    # the shards progress file
     prog = tmp_path / "prog" / "progress.json"
     prog.parent.mkdir()
     prog.write_text(json.dumps({"signature": "s", "shards": [{"name": "shard-000000.tar", "count": 1,
@@ -524,19 +581,37 @@ def test_meta_files_with_wrong_types_name_the_file(tmp_path, capsys):
         return 0
 
     _fuzz(prog, read_progress, capsys)
-    step = tmp_path / "ck" / "step_00000001"
-    step.mkdir(parents=True)
-    ck.write_meta(step, {"step": 1, "world_size": 1})
+    # a checkpoint's meta.json: tests/test_fuzz_meta.py::test_checkpoint_meta_fuzz
 
-    def read_meta():
-        try:
-            ck.read_meta(step)
-        except MLCDError as exc:
-            print(f"mlcd train: error: {exc}", file=__import__("sys").stderr)
-            return 2
-        return 0
 
-    _fuzz(step / "meta.json", read_meta, capsys)
+def test_cls_member_out_of_int32_is_a_corrupt_sample():
+    """A shard's KEY.cls is stored as int32 (EMB cls files) and batched as int64: a class id
+    outside 0..2**31-1 makes the sample corrupt (skipped and counted), not an overflow later."""
+    import io as _io
+
+    from PIL import Image
+
+    from mlcd_core.reader import MAX_CLS, CorruptSample, decode_record
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert decode_record({"png": png, "cls": str(MAX_CLS).encode()})[1] == MAX_CLS
+    for bad in (b"99999999999999999999", str(MAX_CLS + 1).encode(), b"-3"):
+        with pytest.raises(CorruptSample, match="bad cls"):
+            decode_record({"png": png, "cls": bad})
+
+
+def test_config_file_not_utf8_or_nested_too_deeply_is_one_line(tmp_path, capsys):
+    from mlcd_train.cli import run_stage
+
+    for name, body, why in (("bytes.yaml", b"train:\n  steps: \xff\n", "not UTF-8"),
+                            ("deep.yaml", b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply")):
+        (tmp_path / name).write_bytes(body)
+        capsys.readouterr()
+        rc = run_stage("train", ["--config", str(tmp_path / name), f"output_dir={tmp_path / 'o'}", "--print-config"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"{name}: not valid YAML ({why}" in err[0], err
 
 
 def test_trainer_state_saved_alone_loads_without_unpickling(tmp_path):

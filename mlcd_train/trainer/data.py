@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlcd_train.utils.errors import MLCDError
-from mlcd_train.utils.io import load_json, open_regular, safe_np_load
+from mlcd_train.utils.io import json_field, load_json, open_regular, safe_np_load
 
 _MASK = (1 << 63) - 1
 
@@ -46,8 +46,24 @@ def mix_seed(*parts: int) -> int:
 
 # ----------------------------------------------------------------------------- labels
 
+#: label files hold int32 class ids (``mlcd assign``), so k cannot exceed this
+MAX_CLASSES = 2 ** 31 - 1
+
+
 def labels_meta(labels_dir: str) -> dict:
-    return load_json(Path(labels_dir) / "meta.json", expect=dict)
+    """``LABELS/meta.json`` with the keys the trainer uses checked: ``k`` (classes, 1 ..
+    2**31 - 1), ``topk`` (label columns, 1 .. k) and ``centroids_sha`` (a string, or absent /
+    null); a missing key or another type or range is an MLCDError naming the file and key."""
+    path = Path(labels_dir) / "meta.json"
+    meta = load_json(path, expect=dict)
+    k = json_field(meta, "k", int, path)
+    topk = json_field(meta, "topk", int, path)
+    if not 1 <= k <= MAX_CLASSES:
+        raise MLCDError(f"{path}: key 'k' should be a number of classes in 1..{MAX_CLASSES}, found {k}")
+    if not 1 <= topk <= k:
+        raise MLCDError(f"{path}: key 'topk' should be a number of label columns in 1..k={k}, found {topk}")
+    json_field(meta, "centroids_sha", str, path, default=None, nullable=True)
+    return meta
 
 
 def labels_identity(labels_dir: str) -> dict:
