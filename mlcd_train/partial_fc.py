@@ -56,11 +56,11 @@ API (what the trainer uses)::
   all-gathers and reports, the same one-line MLCDError on every rank, naming the unchecked
   calls by ``pfc.step_tag`` (or a count of calls).  Out-of-range labels in between are
   harmless: they are outside every rank's class range and count as padding.
-* Host syncs left in a forward without the check: ``sample_rate < 1`` selects the positives
-  (boolean mask, ``torch.unique``): the sampled set has max(num_sample, positives) rows, a
-  size the data decides (a fixed-size index would have to cover the global batch's labels,
-  at scale the whole shard); and the logits kernel lists this rank's positive pairs
-  (``nonzero``, boolean masks per chunk) at any sample rate.  See docs/architecture.md.
+* Host syncs left in a forward without the check: none at ``sample_rate`` 1 (the logits
+  kernel works on the dense [N, l] label slots, no list of the positive pairs); below 1 the
+  sampling selects the positives (boolean mask, ``torch.unique``): the sampled set has
+  max(num_sample, positives) rows, a size the data decides (a fixed-size index would have to
+  cover the global batch's labels, at scale the whole shard).  See docs/architecture.md.
 * ``PartialFCOptimizer`` (``make_optimizer``) updates only the rows sampled since its last
   step (row-wise AdamW with per-row step counts, or SGD with momentum); rows not sampled keep
   their weight and optimiser state bit for bit.  Its state lives with the shard.  Its
@@ -169,41 +169,61 @@ class _SampledLogSumExp(torch.autograd.Function):
         return w, inv, norm > _NORM_EPS
 
     @staticmethod
-    def _masked(pr, pc, c0, c1):
-        """The positive pairs that fall in columns [c0, c1): (rows, columns - c0)."""
-        sel = (pc >= c0) & (pc < c1)
-        return pr[sel], pc[sel] - c0
+    def _mask_positives(z, pos_cols, c0, c1):
+        """z[i, pos_cols[i, k] - c0] = -inf for the positives in columns [c0, c1), in place.
+        A scatter of a minimum over the dense [N, l] slots (+inf for a slot elsewhere leaves z
+        as it was): no list of the positives, whose length only the data knows (a host sync)."""
+        sel = (pos_cols >= c0) & (pos_cols < c1)
+        idx = torch.where(sel, pos_cols - c0, torch.zeros_like(pos_cols))
+        val = torch.full(pos_cols.shape, math.inf, dtype=z.dtype, device=z.device).masked_fill_(sel, -math.inf)
+        z.scatter_reduce_(1, idx, val, reduce="amin")
+
+    @staticmethod
+    def _pair_blocks(n, l, chunk):
+        """Sample blocks [s0, s1) whose [block, l, d] gathers of centres stay within a chunk's size."""
+        b = max(1, chunk // max(1, l))
+        return [(s0, min(n, s0 + b)) for s0 in range(0, n, b)]
 
     @staticmethod
     def _cos_pairs(e_rows, w_rows):
-        """cos of the positive pairs only ([P], P = positives living on this rank)."""
-        return (F.normalize(w_rows, dim=1, eps=_NORM_EPS) * e_rows).sum(1)
+        """cos of the (sample, slot) pairs of a block: e_rows [b, d], w_rows [b, l, d] -> [b, l]."""
+        return (F.normalize(w_rows, dim=2, eps=_NORM_EPS) * e_rows.unsqueeze(1)).sum(2)
+
+    @staticmethod
+    def _pair_rows(pos_cols, index):
+        """Local centre row of every (sample, slot), a valid row where the slot has no positive here."""
+        col = pos_cols.clamp(min=0)
+        return col if index is None else index[col]
 
     @staticmethod
     def forward(ctx, e_n, weight, index, pos_cols, scale, chunk):
         n = e_n.shape[0]
         cols_total = weight.shape[0] if index is None else index.numel()
-        valid = pos_cols >= 0
-        pr, pk = valid.nonzero(as_tuple=True)   # positive pairs on this rank: sample, label slot
-        pc = pos_cols[pr, pk]                   # ... and their sampled column
         lse = torch.full((n,), -math.inf, dtype=e_n.dtype, device=e_n.device)
         for c0 in range(0, cols_total, chunk):
             c1 = min(cols_total, c0 + chunk)
             w, inv, _ = _SampledLogSumExp._chunk(weight, index, c0, c1, e_n.dtype)
             z = (e_n @ w.t()).mul_(inv.mul_(scale))
-            z[_SampledLogSumExp._masked(pr, pc, c0, c1)] = -math.inf
+            _SampledLogSumExp._mask_positives(z, pos_cols, c0, c1)
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
             del w, z
+        # cos of every (sample, slot) pair, 0 where the slot has no positive on this rank: dense
+        # [N, l] work (N x l centre rows gathered, ~W x the pairs that live here) instead of a
+        # list of the pairs (nonzero: a host sync)
         cos_pos = torch.zeros(pos_cols.shape, dtype=e_n.dtype, device=e_n.device)
-        rows = pc if index is None else index[pc]
-        cos_pos[pr, pk] = _SampledLogSumExp._cos_pairs(e_n[pr], weight[rows].to(e_n.dtype))
-        ctx.save_for_backward(e_n, weight, index, lse, pr, pk, pc)
+        if cols_total:
+            valid = pos_cols >= 0
+            rows = _SampledLogSumExp._pair_rows(pos_cols, index)
+            for s0, s1 in _SampledLogSumExp._pair_blocks(n, pos_cols.shape[1], chunk):
+                c = _SampledLogSumExp._cos_pairs(e_n[s0:s1], weight[rows[s0:s1]].to(e_n.dtype))
+                cos_pos[s0:s1] = torch.where(valid[s0:s1], c, torch.zeros_like(c))
+        ctx.save_for_backward(e_n, weight, index, lse, pos_cols)
         ctx.scale, ctx.chunk = scale, chunk
         return lse, cos_pos
 
     @staticmethod
     def backward(ctx, g_lse, g_pos):
-        e_n, weight, index, lse, pr, pk, pc = ctx.saved_tensors
+        e_n, weight, index, lse, pos_cols = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         cols_total = weight.shape[0] if index is None else index.numel()
         grad_e = torch.zeros_like(e_n)
@@ -219,7 +239,7 @@ class _SampledLogSumExp(torch.autograd.Function):
                 w, inv, unclamped = _SampledLogSumExp._chunk(weight, index, c0, c1, e_n.dtype)
                 cos = (e_n @ w.t()).mul_(inv)
                 z = cos * scale
-                z[_SampledLogSumExp._masked(pr, pc, c0, c1)] = -math.inf
+                _SampledLogSumExp._mask_positives(z, pos_cols, c0, c1)
                 dcos = torch.exp_(z.sub_(lse_safe)).mul_(coef)       # d loss / d cos_ij, [N, C]
                 del z
                 proj = (dcos * cos).sum(0)                           # sum_i dcos_ij cos_ij
@@ -234,16 +254,20 @@ class _SampledLogSumExp(torch.autograd.Function):
                     else:
                         grad_w.index_copy_(0, index[c0:c1], gw)
                 del w, cos, dcos, ds
-        if g_pos is not None and pr.numel():
-            rows = pc if index is None else index[pc]
-            with torch.enable_grad():
-                ed = e_n.detach().requires_grad_()
-                wp = weight.detach()[rows].to(e_n.dtype).requires_grad_()
-                cos = _SampledLogSumExp._cos_pairs(ed[pr], wp)
-            ge, gwp = torch.autograd.grad(cos, (ed, wp), g_pos[pr, pk])
-            grad_e += ge
-            if grad_w is not None:
-                grad_w.index_add_(0, rows, gwp.to(grad_w.dtype))
+        if g_pos is not None and cols_total:
+            valid = pos_cols >= 0
+            g_pos = torch.where(valid, g_pos, torch.zeros_like(g_pos))  # slots without a positive here: 0
+            rows = _SampledLogSumExp._pair_rows(pos_cols, index)
+            for s0, s1 in _SampledLogSumExp._pair_blocks(e_n.shape[0], pos_cols.shape[1], ctx.chunk):
+                r = rows[s0:s1]
+                with torch.enable_grad():
+                    ed = e_n[s0:s1].detach().requires_grad_()
+                    wp = weight.detach()[r].to(e_n.dtype).requires_grad_()
+                    cos = _SampledLogSumExp._cos_pairs(ed, wp)
+                ge, gwp = torch.autograd.grad(cos, (ed, wp), g_pos[s0:s1])
+                grad_e[s0:s1] += ge
+                if grad_w is not None:
+                    grad_w.index_add_(0, r.reshape(-1), gwp.reshape(-1, gwp.shape[-1]).to(grad_w.dtype))
         return grad_e, grad_w, None, None, None, None
 
 

@@ -74,6 +74,29 @@ def test_unchecked_forward_reads_nothing_and_equals_the_checked_one(rate, monkey
     assert not torch.equal(checked[0], ref[0])  # the batches differ: the comparison can fail
 
 
+@pytest.mark.parametrize("loss", ["mlcd", "mlc", "unicom"])
+def test_at_rate_1_an_unchecked_forward_and_backward_have_no_data_dependent_shape(loss):
+    """Under FakeTensorMode (shapes without data, as a GPU's host sees them) an op whose output
+    size depends on the data (nonzero, boolean indexing, unique: a host sync on CUDA) or a host
+    read raises.  At sample_rate 1 an unchecked forward and backward have none; at 0.5 the
+    sampling's selection of the positives is one (documented, kept)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+    for rate in (1.0, 0.5):
+        pfc = _pfc(rate, loss=loss)
+        emb, labels = _data()
+        pfc(emb, labels)  # the checked first call
+        pfc.check_inputs = False
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            e, y = mode.from_tensor(emb).requires_grad_(), mode.from_tensor(labels)
+            if rate == 1.0:
+                pfc(e, y).backward()
+                assert e.grad is not None and e.grad.shape == emb.shape
+            else:
+                with pytest.raises((DynamicOutputShapeException, DataDependentOutputException)):
+                    pfc(e, y)
+
+
 def test_a_checking_plan_then_unchecked_plans_and_forwards_read_nothing(monkeypatch):
     """Gradient accumulation: plan() is checked on its own signature; afterwards a plan and its
     micro-batch forwards (and the optimiser's step) read nothing on the host."""
