@@ -294,3 +294,55 @@ def test_a_bad_wandb_run_id_file_is_refused(tmp_path, monkeypatch):
     (out / "wandb_run_id").write_text("../../etc\n")
     with pytest.raises(MLCDError, match="wandb_run_id: not a wandb run id"):
         train.main(_synthetic(out, "train.steps=2", "train.wandb=p"))
+
+
+@pytest.mark.parametrize("start", [0, 5])
+@pytest.mark.parametrize("kind", ["fifo", "link", "folder"])
+def test_a_metrics_log_that_is_not_a_regular_file_is_refused(tmp_path, kind, start):
+    """OUT/metrics.jsonl is appended to: a FIFO there hung the trainer (open for append waits
+    for a reader), a symlink made it write wherever the link points."""
+    import os
+
+    from mlcd_train.trainer.metrics import MetricsLog
+
+    out = tmp_path / "run"
+    out.mkdir()
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep\n")
+    log = out / "metrics.jsonl"
+    if kind == "fifo":
+        os.mkfifo(log)
+    elif kind == "link":
+        log.symlink_to(target)
+    else:
+        log.mkdir()
+    with pytest.raises(MLCDError, match=r"metrics\.jsonl: .*not a regular file"):
+        MetricsLog(out, start, True)
+    assert target.read_text() == "keep\n"
+    assert os.path.lexists(log)  # nothing of the user's removed
+
+
+def test_a_metrics_log_resume_keeps_its_earlier_steps(tmp_path):
+    from mlcd_train.trainer.metrics import MetricsLog
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    m = MetricsLog(out, 2, True)
+    m.log({"step": 3, "loss": 1.0})
+    m.close()
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_clear_sharded_removes_a_link_not_its_target(tmp_path):
+    from mlcd_train.trainer.parallel import MODEL_DCP, clear_sharded
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data").write_text("keep")
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    (step / MODEL_DCP).symlink_to(elsewhere, target_is_directory=True)
+    clear_sharded(step)
+    assert not (step / MODEL_DCP).exists() and not (step / MODEL_DCP).is_symlink()
+    assert (elsewhere / "data").read_text() == "keep"

@@ -15,12 +15,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 from mlcd_train.utils.errors import MLCDError
 
 RUN_ID_FILE = "wandb_run_id"
+MAX_LOG_BYTES = 1 << 31  # a metrics.jsonl read back on a resume (a line a log step: far below)
+
+
+def _own_log(path: Path) -> bool:
+    """Whether ``path`` exists; it must be a regular file (not a link, FIFO or folder: the log
+    is appended to, and a FIFO would block the trainer, a link write outside the run)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file")
+        raise MLCDError(f"{path}: {kind}, not a regular file; the trainer writes its metrics log there "
+                        "(move it away and rerun)")
+    return True
 
 
 def _step_of(line: str) -> float:
@@ -72,17 +90,30 @@ class MetricsLog:
         self.wandb = None
         if not enabled:
             return
-        if start_step > 0 and self.path.is_file():  # drop lines past the checkpoint we resumed from
-            from mlcd_train.utils.io import atomic_write_text
+        exists = _own_log(self.path)
+        if start_step > 0 and exists:  # drop lines past the checkpoint we resumed from
+            from mlcd_train.utils.io import atomic_write_text, read_regular
 
-            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
+            text = read_regular(self.path, MAX_LOG_BYTES, what="metrics log").decode("utf-8", "replace")
+            keep = [ln for ln in text.splitlines() if _step_of(ln) <= start_step]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
-        elif start_step == 0 and self.path.is_file():
+        elif start_step == 0 and exists:
             self.path.unlink()
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.f = open(self.path, "a", encoding="utf-8")
+        # a link or FIFO put there since the check: O_NOFOLLOW refuses the link, O_NONBLOCK makes
+        # the FIFO fail instead of waiting for a reader, fstat refuses whatever else opened
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            raise MLCDError(f"{self.path}: cannot open the metrics log ({exc.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            _own_log(self.path)
+            raise MLCDError(f"{self.path}: not a regular file; the trainer writes its metrics log there")
+        self.f = os.fdopen(fd, "a", encoding="utf-8")
         if wandb_project:
             wb = wandb_module()
             if wb is None:

@@ -201,7 +201,9 @@ def clear_sharded(folder: Path) -> None:
     """Rank 0, before a save into ``folder``: drop DCP folders (and temporaries) of an earlier run."""
     for name in (MODEL_DCP, OPTIM_DCP):
         for p in (folder / name, _tmp(folder, name)):
-            if p.exists():
+            if p.is_symlink() or p.is_file():  # the entry itself goes, never what a link points to
+                p.unlink()
+            elif p.exists():
                 shutil.rmtree(p)
 
 
