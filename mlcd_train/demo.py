@@ -29,12 +29,12 @@ key figure), ``summary.json``, ``loss_curve.png``, ``knn_curve.png`` (the in-tra
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from mlcd_train.pipeline import Pipeline, format_rows, plot_probe_bars, read_eval, read_metrics, validate
+from mlcd_train.pipeline import (Pipeline, format_rows, plot_probe_bars, read_eval, read_metrics, read_probe_result,
+                                  validate)
 from mlcd_core.args import nonneg_int, positive_int
 from mlcd_core.errors import MLCDError
 
@@ -167,7 +167,7 @@ class Demo:
 
         pipe.stage(f"probe {name.replace('_', ' ')}", lambda: js if js.is_file() else None, run,
                    lambda: _probe_figure(js))
-        self.probes[name] = json.loads(js.read_text())
+        self.probes[name] = read_probe_result(js)
 
     def bars(self, last: int) -> dict:
         """Probe results in bar order: earlier rounds' students, the student, the teacher, random init."""
@@ -245,7 +245,7 @@ class Demo:
 
 
 def _probe_figure(js: Path) -> str:
-    res = json.loads(js.read_text())
+    res = read_probe_result(js)
     return f"linear {100 * res['linear']['top1']:.1f}%, 20-NN {100 * res['knn']['top1']:.1f}%"
 
 

@@ -407,7 +407,7 @@ class Pipeline:
             self.stage(f"{tag} probe student", lambda: _exists(js),
                        lambda: self.probe(f"mlcd:{pt}", self.rdir(rnd, "probe"), js, fresh=True),
                        lambda: _probe_figure(js))
-            self.probes[f"round {rnd} student"] = _json(js)
+            self.probes[f"round {rnd} student"] = read_probe_result(js)
 
     def train(self, rnd: int) -> None:
         cfg = self.cfg
@@ -527,8 +527,21 @@ def _train_figure(metrics: Path) -> str:
     return fig
 
 
-def _probe_figure(js: Path) -> str:
+def read_probe_result(js: Path) -> dict:
+    """A finished ``probe-*.json`` as the pipeline and the demo read it back: a dict whose
+    ``linear.top1`` and ``knn.top1`` are accuracies in [0, 1]; else one line naming the file."""
     res = _json(js)
+    for part in ("linear", "knn"):
+        v = res.get(part) if isinstance(res, dict) else None
+        top1 = v.get("top1") if isinstance(v, dict) else None
+        if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0.0 <= top1 <= 1.0:
+            raise MLCDError(f"{js}: '{part}.top1' is not an accuracy in [0, 1] ({top1!r}); "
+                            "delete the file to redo the probe")
+    return res
+
+
+def _probe_figure(js: Path) -> str:
+    res = read_probe_result(js)
     return f"linear {100 * res['linear']['top1']:.1f}%, 20-NN {100 * res['knn']['top1']:.1f}%"
 
 
@@ -545,20 +558,22 @@ def _find(obj, key):
 
 
 def _records(path) -> list[dict]:
+    from mlcd_core.io import read_regular
+
     out = []
     if not os.path.exists(path):
         return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                out.append(rec)
+    text = read_regular(path, 1 << 31, what="metrics log").decode("utf-8", "replace")
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
     return out
 
 

@@ -624,3 +624,32 @@ def test_trainer_state_saved_alone_loads_without_unpickling(tmp_path):
     ck.save_trainer_state(tmp_path, {"step": 3, "world_size": 2, "rng": [ck.rng_state()]})
     with pytest.raises(MLCDError, match="trainer_state.pt: key 'rng' should hold one dict per rank"):
         ck.load(tmp_path, "trainer_state.pt")
+
+
+@pytest.mark.parametrize("body", ['{"linear": {"top1": 0.8}}', '{"linear": {"top1": "0.8"}, "knn": {"top1": 0.7}}',
+                                  '{"linear": {"top1": 1e9}, "knn": {"top1": 0.7}}', '[1, 2]',
+                                  '{"linear": {"top1": true}, "knn": {"top1": 0.7}}'])
+def test_a_finished_probe_result_with_wrong_fields_is_one_line(tmp_path, body):
+    """The pipeline and the demo read back their finished probe-*.json to skip the stage: a
+    hand-edited or foreign file was a KeyError/TypeError traceback."""
+    from mlcd_train.pipeline import _probe_figure, read_probe_result
+
+    js = tmp_path / "probe-student.json"
+    js.write_text(body)
+    for fn in (read_probe_result, _probe_figure):
+        with pytest.raises(MLCDError, match=r"probe-student\.json: '(linear|knn)\.top1' is not an accuracy"):
+            fn(js)
+    js.write_text('{"linear": {"top1": 0.81}, "knn": {"top1": 0.7}}')
+    assert _probe_figure(js) == "linear 81.0%, 20-NN 70.0%"
+
+
+def test_reading_a_run_metrics_log_that_is_a_fifo_is_refused(tmp_path):
+    """read_metrics (loss curve, pipeline summary) opened OUT/metrics.jsonl plainly: a FIFO hung."""
+    import os
+
+    from mlcd_train.pipeline import read_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    os.mkfifo(p)
+    with pytest.raises(MLCDError, match=r"metrics\.jsonl.*(FIFO|regular)"):
+        read_metrics(p)
