@@ -17,6 +17,7 @@ def splits(tmp_path_factory):
             make_sample_shards(tmp, "test", n=200, shard_size=200), tmp)
 
 
+@pytest.mark.slow  # pca fitted on 3072 pixel values (a 3072 x 3072 eigh): ~15 s of CPU
 def test_probe_pca_scores_cached_features_and_reuses_them(splits, monkeypatch):
     train, test, tmp = splits
     out = tmp / "out"
@@ -54,6 +55,7 @@ def test_probe_pca_scores_cached_features_and_reuses_them(splits, monkeypatch):
     assert json.loads(res_path.read_text())["knn"]["top1"] == pytest.approx(knn["top1"])
 
 
+@pytest.mark.slow  # pca fitted on 3072 pixel values (a 3072 x 3072 eigh): ~15 s of CPU
 def test_probe_refuses_shards_without_ground_truth(splits, tmp_path):
     from mlcd_train.data import shards
 

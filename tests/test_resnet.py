@@ -47,6 +47,7 @@ def _train_two_steps(rank, world, out, name):
                      "train.device=cpu", "seed=1"])
 
 
+@pytest.mark.slow  # two spawned ranks: ~20 s of CPU per preset (make test-fast leaves it out)
 @pytest.mark.parametrize("name", SMALL)
 def test_small_preset_trains_two_steps_on_two_ranks_and_exports_into_timm(name, tmp_path):
     out = tmp_path / "run"
