@@ -375,10 +375,10 @@ class Pipeline:
         def embed():
             kw = {"workers": cfg["workers"]}
             t = cfg["teacher"]
-            if rnd == 1 and spec == "pca":
+            if rnd == 1:  # the teacher's options; embed() hands each embedder kind only its own
                 kw.update(dim=t["dim"], image_size=t["image_size"])
-            if rnd == 1 and t["pretrained"]:
-                kw["pretrained"] = t["pretrained"]
+                if t["pretrained"]:
+                    kw["pretrained"] = t["pretrained"]
             self.call("embed", E.embed, str(self.shards_dir("train")), str(emb), spec, **kw)
 
         self.stage(f"{tag} embed ({'teacher ' + spec if rnd == 1 else 'round ' + str(rnd - 1) + ' student'})",
