@@ -58,7 +58,7 @@ from mlcd_train import config as C
 from mlcd_train.trainer import checkpoint as ck
 from mlcd_train.trainer.data import (TrainStream, check_labels, check_same_centres, check_same_labels,
                                      data_sources, labels_identity, labels_meta, mix_seed)
-from mlcd_train.trainer.metrics import MetricsLog, _step_of  # noqa: F401  (re-exported: tests, bench)
+from mlcd_train.trainer.metrics import MetricsLog, _step_of, open_metrics_log  # noqa: F401  (MetricsLog, _step_of: re-exported for tests, bench)
 from mlcd_train.trainer.step import Batch, StepStats, accumulate_step, apply_step  # noqa: F401
 from mlcd_train.trainer.optim import build_optimizer, lr_factor, set_lr
 from mlcd_train.utils.dist import DistInfo, barrier, init_distributed
@@ -605,8 +605,12 @@ class Trainer:
                   file=sys.stderr, flush=True)
         self._build_eval(start)
         self._measure_flops()
-        self.data = data = self._build_data(start * cfg.train.accum_steps)  # in micro-batches
-        log = MetricsLog(self.out, start, info.is_main, cfg.train.wandb, C.to_dict(cfg))
+        log = open_metrics_log(self.out, start, info.is_main, info.distributed, cfg.train.wandb, C.to_dict(cfg))
+        try:
+            self.data = data = self._build_data(start * cfg.train.accum_steps)  # in micro-batches
+        except BaseException:
+            log.close()
+            raise
         stop = StopFlag()
         stop.install()
         try:

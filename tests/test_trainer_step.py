@@ -346,3 +346,26 @@ def test_clear_sharded_removes_a_link_not_its_target(tmp_path):
     clear_sharded(step)
     assert not (step / MODEL_DCP).exists() and not (step / MODEL_DCP).is_symlink()
     assert (elsewhere / "data").read_text() == "keep"
+
+
+def _open_log_on_ranks(rank, world, out):
+    from mlcd_train.trainer.metrics import open_metrics_log
+
+    try:
+        open_metrics_log(Path(out), 0, rank == 0, True)
+    except MLCDError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_refused_metrics_log_stops_every_rank(tmp_path):
+    """Only rank 0 logs: its refusal used to leave the other ranks in their first collective
+    (a hang until the launcher's or NCCL's timeout); now every rank raises, naming the file."""
+    import os
+
+    from tests.dist_utils import run_distributed
+
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    msgs = run_distributed(_open_log_on_ranks, 2, (str(tmp_path),), timeout=120)
+    assert all(m is not None and "metrics.jsonl" in m and "FIFO" in m for m in msgs), msgs
+    assert msgs[1].startswith("rank 0: ")

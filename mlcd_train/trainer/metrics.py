@@ -144,3 +144,31 @@ class MetricsLog:
             if self.wandb is not None:
                 self.wandb.finish()
                 self.wandb = None
+
+
+def open_metrics_log(out: Path, start_step: int, is_main: bool, distributed: bool,
+                     wandb_project: str | None = None, config: dict | None = None) -> MetricsLog:
+    """Every rank: the run's log (enabled on rank 0).  A refusal on rank 0 (``metrics.jsonl``
+    not a regular file, wandb missing, an unwritable folder) is raised on every rank alike,
+    not left to the others to find as a hang in their first collective."""
+    log, err = None, None
+    if is_main:
+        try:
+            log = MetricsLog(out, start_step, True, wandb_project, config)
+        except MLCDError as exc:
+            err = str(exc)
+        except OSError as exc:
+            err = f"{Path(out) / 'metrics.jsonl'}: cannot start the metrics log ({exc.strerror or exc})"
+    else:
+        log = MetricsLog(out, start_step, False)
+    if distributed:
+        import torch.distributed as dist
+
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        if log is not None:
+            log.close()
+        raise MLCDError(err if is_main else f"rank 0: {err}")
+    return log
