@@ -149,15 +149,19 @@ MAX_CLS = 2 ** 31 - 1
 TAR_BLOCK = 512
 
 
-def sizes_counts(folder: str) -> dict[str, int]:
-    """``FOLDER/sizes.json`` checked: {plain file name: count}, every listed shard a file of
-    this folder that can hold its count (a tar needs a 512-byte header a sample, so a count above
-    its size / 512 cannot be true); else an MLCDError naming sizes.json."""
+def sizes_counts(folder: str, only: Optional[Iterable[str]] = None) -> dict[str, int]:
+    """``FOLDER/sizes.json`` checked: {plain file name: count}, every listed shard (or only
+    those named in ``only``) a file of this folder that can hold its count (a tar needs a
+    512-byte header a sample, so a count above its size / 512 cannot be true); else an
+    MLCDError naming sizes.json."""
     from mlcd_core.io import json_counts, load_json
 
     f = os.path.join(folder, "sizes.json")
     counts = json_counts(load_json(f), f)
+    wanted = None if only is None else set(only)
     for name, n in counts.items():
+        if wanted is not None and name not in wanted:
+            continue
         path = os.path.join(folder, name)
         try:
             st = os.stat(path)
@@ -177,13 +181,18 @@ def sizes_counts(folder: str) -> dict[str, int]:
 def read_sizes(shards: Iterable[str]) -> dict[str, int]:
     """{shard path: sample count} from each folder's ``sizes.json`` (:func:`sizes_counts`);
     tars it does not list are counted."""
-    cache: dict[str, dict] = {}
+    shards = list(shards)
+    names: dict[str, set] = {}
+    for s in shards:
+        folder, name = os.path.split(s)
+        names.setdefault(folder, set()).add(name)
+    # only the asked-for shards are checked: a subset of a folder (a glob, a list) still reads
+    # when another shard that sizes.json lists is gone
+    cache = {folder: sizes_counts(folder, only=want) if os.path.isfile(os.path.join(folder, "sizes.json")) else {}
+             for folder, want in names.items()}
     out = {}
     for s in shards:
         folder, name = os.path.split(s)
-        if folder not in cache:
-            f = os.path.join(folder, "sizes.json")
-            cache[folder] = sizes_counts(folder) if os.path.isfile(f) else {}
         n = cache[folder].get(name)
         out[s] = int(n) if n is not None else count_records(s)
     return out

@@ -416,6 +416,22 @@ def test_sizes_json_counts_are_bounded_before_use(tmp_path, capsys):
     assert read_sizes([str(sh / name)])[str(sh / name)] == room
 
 
+def test_read_sizes_of_a_subset_checks_only_the_shards_asked_for(tmp_path):
+    """A glob or list naming some shards of a folder reads when another shard that sizes.json
+    lists is gone (the whole-folder form still refuses, naming the missing one)."""
+    from mlcd_train.data.reader import list_shards, read_sizes
+    from tests.fixtures import make_random_shards
+
+    sh = make_random_shards(tmp_path, n=8, size=8, num_classes=2, shard_size=4)
+    first, second = sorted(json.loads((sh / "sizes.json").read_text()))
+    (sh / second).unlink()
+    assert read_sizes([str(sh / first)]) == {str(sh / first): 4}
+    with pytest.raises(MLCDError, match=rf"{second}: listed in .*sizes.json but missing"):
+        list_shards(sh)
+    with pytest.raises(MLCDError, match=rf"{second}: listed in .*sizes.json but missing"):
+        read_sizes([str(sh / second)])
+
+
 # ----------------------------------------------------------------------- 7. option ranges
 
 BAD_OPTIONS = [
