@@ -51,6 +51,7 @@ from mlcd_core.args import float_between, fraction_left_open, nonneg_int, positi
 from mlcd_core.io import (OrderedWriter, atomic_save_json, atomic_save_npy, check_out_separate, json_field,
                                  load_json, remove_stale_tmp, safe_np_load)
 from mlcd_core.lock import output_lock
+from mlcd_core.threads import restores_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +360,7 @@ class AssignResult:
     stats: Optional[dict] = None
 
 
+@restores_threads
 def assign(emb: str, centroids: str, out: str, *, topk: int = 8, threshold: Optional[float] = None,
            approx: bool = False, nlist: int = 0, nprobe: int = 16, recall_rows: int = 10000,
            target_recall: Optional[float] = None, backend: str = "auto", cand_dtype: Optional[str] = None,
@@ -378,12 +380,6 @@ def assign(emb: str, centroids: str, out: str, *, topk: int = 8, threshold: Opti
     from mlcd_core.dist import barrier, init_distributed
     from mlcd_core.progress import progress
 
-    if threads > 0:
-        import faiss
-        import torch
-
-        faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(threads)
     # LBL/meta.json, keys files and temporaries are replaced or deleted: never in EMB or CL
     check_out_separate("--out", out, [("--emb", emb), ("--centroids", centroids)])
     with output_lock(out, "assign"):  # one run at a time into this output (issue 15)

@@ -58,6 +58,7 @@ from mlcd_core.errors import MLCDError
 from mlcd_core.args import nonneg_int, positive_int
 from mlcd_core.io import atomic_save_json, atomic_save_npy, check_out_separate, load_json
 from mlcd_core.lock import output_lock
+from mlcd_core.threads import restores_threads
 
 DEFAULT_TWO_LEVEL_ABOVE = 65536
 
@@ -357,15 +358,6 @@ def _check(k: int, niter: int) -> None:
         raise MLCDError(f"--k must be >= 1 and --niter >= 0 (got k={k}, niter={niter})")
 
 
-def _set_threads(threads: int) -> None:
-    if threads > 0:
-        import faiss
-        import torch
-
-        faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(threads)
-
-
 def _fit(gather, n_total: int, k: int, *, niter: int, seed: int, init: str, init_sample: int,
          max_points_per_centroid: int, method: str, backend: str, gpu: bool, rank: int = 0,
          world_size: int = 1, device=None) -> ClusterResult:
@@ -395,6 +387,7 @@ def _fit(gather, n_total: int, k: int, *, niter: int, seed: int, init: str, init
                          nsplit=[s["nsplit"] for s in stats], seconds=time.perf_counter() - t0, info=extra)
 
 
+@restores_threads
 def cluster(emb: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: str = "random",
             init_sample: int = 0, max_points_per_centroid: int = 256, method: str = "auto",
             two_level_above: int = DEFAULT_TWO_LEVEL_ABOVE, backend: str = "auto", gpu: bool = False,
@@ -420,13 +413,13 @@ def cluster(emb: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: st
     if method == "distributed":
         raise MLCDError("cluster: --method distributed needs an EMB folder under torchrun (cluster_folder)")
     method = _resolve_method(method, k, 1, two_level_above)
-    _set_threads(threads)
     x = store.normalise(np.ascontiguousarray(x, dtype=np.float32))
     return _fit(lambda rows: x[rows], len(x), k, niter=niter, seed=seed, init=init, init_sample=init_sample,
                 max_points_per_centroid=max_points_per_centroid, method=method,
                 backend=pick_backend(backend, gpu), gpu=gpu)
 
 
+@restores_threads
 def cluster_folder(emb: str, k: int, out: str, *, niter: int = 20, seed: int = 0, init: str = "random",
                    init_sample: int = 0, max_points_per_centroid: int = 256, method: str = "auto",
                    two_level_above: int = DEFAULT_TWO_LEVEL_ABOVE, backend: str = "auto", gpu: bool = False,
@@ -444,7 +437,6 @@ def cluster_folder(emb: str, k: int, out: str, *, niter: int = 20, seed: int = 0
     from mlcd_core.dist import barrier, init_distributed
 
     _check(k, niter)
-    _set_threads(threads)
     # CL/meta.json is replaced: never EMB's own meta.json
     check_out_separate("--out", out, [("--emb", emb)])
     with output_lock(out, "cluster"):  # one run at a time into this output (issue 15)

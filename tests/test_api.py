@@ -55,6 +55,44 @@ def test_cluster_over_an_array_equals_the_folder_run(mixture, tmp_path):
     assert kmeans.cluster_folder(str(root), 8, str(tmp_path / "cl"), seed=3, init="kmeans++", threads=1) is None
 
 
+def test_stage_functions_restore_the_callers_thread_counts(mixture, tmp_path, monkeypatch):
+    """cluster / cluster_folder / assign run with ``threads`` and put torch's and faiss's thread counts
+    back afterwards, even on an error: before, a pipeline that clustered with threads=2 and then
+    trained in the same process kept 2 threads (two such runs on 2 cores trained 3x slower)."""
+    import faiss
+
+    root, _, _ = mixture
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    seen = []
+    real_fit = kmeans._fit
+
+    def spy(*args, **kwargs):  # the count inside the call is the one asked for
+        seen.append((torch.get_num_threads(), faiss.omp_get_max_threads()))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(kmeans, "_fit", spy)
+    want = 3 if torch_before != 3 else 2
+    try:
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+        x = store.gather(store.open_emb(str(root)), np.arange(50))
+        kmeans.cluster(x, 4, niter=2, threads=want)
+        kmeans.cluster_folder(str(root), 4, str(tmp_path / "cl"), niter=2, threads=want)
+        assert seen == [(want, want), (want, want)]
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        assign.assign(str(root), str(tmp_path / "cl" / "centroids.npy"), str(tmp_path / "lbl"), topk=2,
+                      threads=want)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        with pytest.raises(MLCDError):  # an error inside the call restores them too
+            kmeans.cluster(np.ones((4, 3)), 9, threads=want)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        kmeans.cluster(x, 4, niter=2)  # threads=0: left as they are
+        assert seen[-1] == (1, 1)
+    finally:
+        torch.set_num_threads(torch_before)
+        faiss.omp_set_num_threads(faiss_before)
+
+
 def test_cluster_refuses_bad_input_as_mlcd_error():
     with pytest.raises(MLCDError, match=r"k=9 is larger than the number of embeddings \(4\)"):
         kmeans.cluster(np.ones((4, 3)), 9)
