@@ -253,6 +253,17 @@ class Trainer:
         model = par.parallelize(self.core, self.cfg, self.info)
         self.model = torch.compile(model) if self.cfg.model.compile else model
 
+    def _check_pfc_memory(self, emb: int) -> None:
+        """Refuse, on every rank alike, a k whose Partial FC shards would not fit (trainer/memory.py)."""
+        from mlcd_train.trainer.memory import check_pfc_memory
+
+        cfg, info = self.cfg, self.info
+        labels = cfg.data.labels or (data_sources(cfg)[0]["labels"] if cfg.data.sources else None)
+        source = (f"{labels}/meta.json: key 'k'" if labels and not cfg.data.synthetic
+                  else "config key 'loss.num_classes'")
+        check_pfc_memory(cfg.loss.num_classes, emb, info, source,
+                         gather=(lambda rec: gather_objects(rec, info)) if info.distributed else None)
+
     def _build_pfc(self, emb: int):
         from mlcd_train import partial_fc as P
 
@@ -524,6 +535,7 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         emb = self._build_model()
+        self._check_pfc_memory(emb)  # before the centres are allocated: a wrong k is one line, not an OOM
         self._build_pfc(emb)
         self.fsdp = par.uses_fsdp(cfg, info)  # the backbone is sharded (fsdp on more than one rank)
         self.sharded_ckpt = cfg.train.parallel == "fsdp"  # DCP checkpoints, on one process too

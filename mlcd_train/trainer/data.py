@@ -63,7 +63,29 @@ def labels_meta(labels_dir: str) -> dict:
     if not 1 <= topk <= k:
         raise MLCDError(f"{path}: key 'topk' should be a number of label columns in 1..k={k}, found {topk}")
     json_field(meta, "centroids_sha", str, path, default=None, nullable=True)
+    check_k_against_centroids(meta, path, k)
     return meta
+
+
+def check_k_against_centroids(meta: dict, path, k: int) -> None:
+    """When the labels' meta.json names its centres (``centroids``: the absolute path `mlcd
+    assign` records) and that is a readable .npy, k must be its number of rows: only the
+    header is read (cheap, any size).  A path that is gone, relative, special or unreadable
+    is not checked (the trainer never reads the centres); a mismatch is an MLCDError naming
+    both files."""
+    c = meta.get("centroids")
+    if not isinstance(c, str) or not c or "\0" in c or not os.path.isabs(c) or not os.path.isfile(c):
+        return
+    from clustering.store import npy_info
+
+    try:
+        shape = npy_info(c, "centroids").shape
+    except (MLCDError, OSError, ValueError):
+        return
+    if len(shape) == 2 and shape[0] != k:
+        raise MLCDError(f"{path}: key 'k' is {k}, but the centres it names ('centroids': {c}) hold {shape[0]} rows: "
+                        "the meta.json is wrong, or those centres were replaced after `mlcd assign` (rerun mlcd "
+                        "assign against the centres to train on)")
 
 
 def labels_identity(labels_dir: str) -> dict:
