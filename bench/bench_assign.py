@@ -34,6 +34,7 @@ import numpy as np
 
 from bench.bench_cluster import make_data, write_emb
 from bench.common import cli, row
+from mlcd_core.args import positive_int
 from clustering import assign
 
 L = 8
@@ -238,12 +239,12 @@ def run(quick: bool = False, repeats: int | None = None, n: int | None = None,
     return rows
 
 
-def main() -> None:
-    cli(run, __doc__, options=(
-        ("--n", dict(type=int, default=None, help="corpus size of the throughput rows (the fixed "
-                                                  "end-of-run cost weighs less as it grows)")),
-        ("--throughput-only", dict(action="store_true", help="skip the peak-RSS and --approx rows"))))
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, __doc__, options=(
+        ("--n", dict(type=positive_int, default=None, help="corpus size of the throughput rows (the fixed "
+                                                           "end-of-run cost weighs less as it grows)")),
+        ("--throughput-only", dict(action="store_true", help="skip the peak-RSS and --approx rows"))), argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

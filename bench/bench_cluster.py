@@ -167,9 +167,9 @@ def run(quick: bool = False, repeats: int | None = None) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    cli(run, __doc__)
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, __doc__, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -305,11 +305,12 @@ def run(quick: bool = False, repeats: int | None = None, model: str | None = Non
     return rows
 
 
-def main() -> None:
-    cli(run, __doc__, options=(("--model", {"default": None, "help": "open_clip registry name or config .json "
-                                                                     "for the CPU run (default: ViT-S-32 tower)"}),
-                               ("--gpu", {"action": "store_true", "help": "also ViT-B-16 and ViT-L-14 on CUDA"})))
+def main(argv: list[str] | None = None) -> int:
+    return cli(run, __doc__, argv=argv, options=(
+        ("--model", {"default": None, "help": "open_clip registry name or config .json for the CPU run "
+                                              "(default: ViT-S-32 tower)"}),
+        ("--gpu", {"action": "store_true", "help": "also ViT-B-16 and ViT-L-14 on CUDA"})))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -62,16 +62,27 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli(run, doc: str, options: tuple = ()) -> None:
+def cli(run, doc: str, options: tuple = (), argv: list[str] | None = None) -> int:
     """The command line of a benchmark module whose ``run`` takes ``quick`` and ``repeats``, and
-    keyword arguments for each extra ``(flag, argparse kwargs)`` in ``options``."""
+    keyword arguments for each extra ``(flag, argparse kwargs)`` in ``options``.  Numeric
+    options are range-checked (mlcd_core.args); a stage's MLCDError is one line, status 2."""
     import argparse
     import os
+    import sys
+
+    from mlcd_core.args import positive_int
+    from mlcd_core.errors import MLCDError
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=None)
     extra = [p.add_argument(flag, **kw).dest for flag, kw in options]
-    a = p.parse_args()
+    a = p.parse_args(argv)
     os.environ.setdefault("MLCD_QUIET", "1")
-    print(format_table(run(a.quick, a.repeats, **{name: getattr(a, name) for name in extra})))
+    try:
+        rows = run(a.quick, a.repeats, **{name: getattr(a, name) for name in extra})
+    except MLCDError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    return 0

@@ -24,12 +24,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 
 def discover(only: list[str] | None = None) -> list[str]:
-    """Benchmark names (``bench_<name>.py`` -> ``name``), sorted; ``only`` filters by name."""
+    """Benchmark names (``bench_<name>.py`` -> ``name``), sorted; ``only`` filters by name (an
+    unknown name is a ValueError naming it)."""
     names = sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py"))
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
-            raise SystemExit(f"bench.run_all: unknown benchmark(s) {unknown}; available: {names}")
+            raise ValueError(f"unknown benchmark(s) {unknown}; available: {names}")
         names = [n for n in names if n in only]
     return names
 
@@ -61,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
-    names = discover(only)
+    try:
+        names = discover(only)
+    except ValueError as exc:
+        parser.error(f"argument --only: {exc}")
+    if args.json:  # checked before minutes of benchmarks, not when the table is ready to be saved
+        import os
+
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or (os.path.exists(parent) and not os.path.isdir(parent)):
+            parser.error(f"argument --json: {args.json} is a folder, or its parent is not one; give a file path")
     if not names:
         print("bench.run_all: no bench/bench_*.py module found", file=sys.stderr)
         return 1
@@ -76,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from mlcd_train.utils.io import atomic_save_json
 
-        atomic_save_json(args.json, rows)
+        try:
+            atomic_save_json(args.json, rows)  # atomic: a failed write leaves an older file whole
+        except OSError as exc:
+            print(f"bench.run_all: error: --json {args.json}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+            return 2
     return 0 if all(r.get("ok") is not False for r in rows) else 1
 
 

@@ -32,7 +32,6 @@ Data: ``mlcd shards --input fashion-mnist`` reads the Debian package ``dataset-f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -48,8 +47,9 @@ if str(ROOT) not in sys.path:
 from clustering.assign import assign  # noqa: E402
 from clustering.embed import embed  # noqa: E402
 from clustering.kmeans import cluster_folder  # noqa: E402
+from mlcd_core.args import nonneg_int, positive_int  # noqa: E402
 from mlcd_core.errors import MLCDError  # noqa: E402
-from mlcd_core.io import atomic_save_json, atomic_write_text  # noqa: E402
+from mlcd_core.io import atomic_save_json, atomic_write_text, check_out_separate, load_json  # noqa: E402
 from mlcd_train.data.shards import make_shards  # noqa: E402
 from mlcd_train.export import export as export_fn  # noqa: E402
 from mlcd_train.probe import probe  # noqa: E402
@@ -81,12 +81,36 @@ def call(fn, *args, **kwargs):
 
 
 def _complete(folder: str) -> bool:
-    """True when ``folder/meta.json`` exists and says ``"complete": true`` (embed, assign)."""
+    """True when ``folder/meta.json`` exists and says ``"complete": true`` (embed, assign).  The
+    file is read as the stages read it (a regular JSON object of bounded size); anything else
+    is an MLCDError naming it."""
     meta = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta):
+    if not os.path.lexists(meta):
         return False
-    with open(meta) as f:
-        return bool(json.load(f).get("complete"))
+    done = load_json(meta, expect=dict).get("complete", False)
+    if not isinstance(done, bool):
+        raise MLCDError(f"{meta}: key 'complete' should be true or false, found {str(done)[:40]!r}")
+    return done
+
+
+def load_result(path: str, row: dict, seed: int, budget: dict) -> dict:
+    """A finished run's ``result.json`` read back on resume, checked before it is used: an
+    object made for this row, seed and budget, with both accuracies numbers in [0, 1]; else
+    an MLCDError naming the file (it is reported and plotted as is)."""
+    res = load_json(path, expect=dict)
+    if res.get("budget") != budget:
+        raise MLCDError(f"{path}: made with {str(res.get('budget'))[:300]}, not {budget}; "
+                        f"use another --work (or delete {os.path.dirname(path)})")
+    for key, value in {**row, "seed": seed}.items():
+        if res.get(key) != value or type(res.get(key)) is not type(value):
+            raise MLCDError(f"{path}: key {key!r} is {str(res.get(key))[:60]!r}, not {value!r} of the run it stands "
+                            f"for; delete {os.path.dirname(path)} to redo it")
+    for key in ("linear_top1", "knn_top1"):
+        v = res.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise MLCDError(f"{path}: key {key!r} should be an accuracy in [0, 1], found {str(v)[:40]!r}; "
+                            f"delete {os.path.dirname(path)} to redo the run")
+    return res
 
 
 _GLOBAL_RNG = threading.Lock()
@@ -258,12 +282,8 @@ class Repro:
         a = self.a
         d = self.rdir(row, seed)
         res_path = os.path.join(d, "result.json")
-        if os.path.exists(res_path):
-            res = json.load(open(res_path))
-            if res.get("budget") != self.budget(row):
-                raise MLCDError(f"{res_path}: made with {res.get('budget')}, not {self.budget(row)}; "
-                                f"use another --work (or delete {d})")
-            return res
+        if os.path.lexists(res_path):
+            return load_result(res_path, row, seed, self.budget(row))
         os.makedirs(d, exist_ok=True)
         t0 = time.perf_counter()
         commands, train_s = [], None
@@ -422,6 +442,9 @@ class Repro:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlcd_core.args import int_at_least
+
+    k_int = int_at_least(2)  # a clustering needs two centres at least
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="work/repro_fashion_mnist", help="working folder (resumable)")
     p.add_argument("--idx-dir", default=None, help="folder with the four Fashion-MNIST IDX .gz files "
@@ -431,12 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="training seeds per row (default 0,1,2)")
     p.add_argument("--k-list", default="100,1000,5000", help="cluster counts for Unicom vs MLCD (--rows full)")
     p.add_argument("--l-list", default="1,2,4,8,16", help="MLCD positives swept at --k-main (--rows full)")
-    p.add_argument("--k-main", type=int, default=1000, help="k of the main rows and the l sweep")
-    p.add_argument("--k-rate", type=int, default=5000, help="k of the sample-rate comparison (r matters only "
+    p.add_argument("--k-main", type=k_int, default=1000, help="k of the main rows and the l sweep")
+    p.add_argument("--k-rate", type=k_int, default=5000, help="k of the sample-rate comparison (r matters only "
                                                           "when k is much larger than the positives of a batch)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of a row (CPU default 469: 1 epoch)")
-    p.add_argument("--best-steps", type=int, default=None, help="steps of the best rows (CPU default 1407: 3 epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps of a row (CPU default 469: 1 epoch)")
+    p.add_argument("--best-steps", type=positive_int, default=None,
+                   help="steps of the best rows (CPU default 1407: 3 epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch (default 128)")
     p.add_argument("--model", default=STUDENT, help=f"student preset (default {STUDENT})")
     p.add_argument("--best-model", default=BEST_MODEL, help=f"student of the best rows and of random_init "
                                                             f"(default {BEST_MODEL})")
@@ -445,27 +470,60 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer override for every trained row (repeatable)")
     p.add_argument("--best-set", action="append", default=None, metavar="KEY=VALUE",
                    help=f"extra overrides of the best rows (default {' '.join(BEST_SET) or 'none'})")
-    p.add_argument("--nproc", type=int, default=1, help="training ranks per run (torchrun when > 1)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (one thread each when > 1)")
-    p.add_argument("--threads", type=int, default=2, help="OMP threads of a run when --jobs 1")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per training run")
-    p.add_argument("--probe-train-shards", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=1, help="training ranks per run (torchrun when > 1)")
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="runs trained at the same time (one thread each when > 1)")
+    p.add_argument("--threads", type=positive_int, default=2, help="OMP threads of a run when --jobs 1")
+    p.add_argument("--workers", type=nonneg_int, default=1, help="DataLoader workers per training run")
+    p.add_argument("--probe-train-shards", type=positive_int, default=None,
                    help="fit the probe on the first training shard (10k images) instead of all 60k")
-    p.add_argument("--device", default=None, help="cpu | cuda | auto (default cpu; --gpu: cuda)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the clustering (and of the teacher row)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
+                   help="cpu | cuda | auto (default cpu; --gpu: cuda)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the clustering (and of the teacher row)")
     return p
 
 
+def int_list(option: str, text: str, low: int) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4], each an integer >= ``low``; else an MLCDError naming ``option``."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise MLCDError(f"{option}: comma-separated integers expected, got {text!r}") from None
+    bad = [v for v in values if v < low]
+    if bad:
+        raise MLCDError(f"{option}: every value must be an integer >= {low}, got {bad[0]}")
+    return values
+
+
 def main(argv=None) -> int:
+    """The command; bad input is one line naming the option or file, exit status 2."""
     a = build_parser().parse_args(argv)
     try:
-        a.k_list = [int(x) for x in a.k_list.split(",")]
-        a.l_list = [int(x) for x in a.l_list.split(",")]
-        a.seeds = [int(x) for x in a.seeds.split(",")]
-    except ValueError as exc:
-        raise MLCDError(f"--k-list / --l-list / --seeds: comma-separated integers expected ({exc})") from None
-    if a.jobs < 1 or a.threads < 1 or not a.seeds:
-        raise MLCDError("--jobs and --threads must be at least 1, --seeds non-empty")
+        return Repro(settings(a)).run()
+    except MLCDError as exc:
+        print(f"reproduce_fashion_mnist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def settings(a: argparse.Namespace) -> argparse.Namespace:
+    """The parsed options checked (lists, YAML, folders) and their defaults filled in, before
+    anything is written; an MLCDError names the option at fault."""
+    import yaml
+
+    a.k_list = int_list("--k-list", a.k_list, 2)
+    a.l_list = int_list("--l-list", a.l_list, 1)
+    a.seeds = int_list("--seeds", a.seeds, 0)
+    try:
+        overrides = yaml.safe_load(a.model_overrides)
+    except yaml.YAMLError as exc:
+        raise MLCDError(f"--model-overrides: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(overrides, dict):
+        raise MLCDError(f"--model-overrides: expected a YAML mapping such as '{{width: 64}}', "
+                        f"got {a.model_overrides!r}")
+    if a.idx_dir:  # the shards, embeddings and runs go to --work, never among the IDX files read
+        if not os.path.isdir(a.idx_dir):
+            raise MLCDError(f"--idx-dir {a.idx_dir}: not a folder (it holds the four Fashion-MNIST IDX .gz files)")
+        check_out_separate("--work", a.work, [("--idx-dir", a.idx_dir)], recursive=("--idx-dir",))
     a.best_set = a.best_set if a.best_set is not None else list(BEST_SET)
     a.batch_size = a.batch_size or 128
     if a.gpu:
@@ -478,12 +536,8 @@ def main(argv=None) -> int:
         a.steps = a.steps or 469            # 1 epoch at batch 128
         a.best_steps = a.best_steps or 1407  # 3 epochs
         a.device = a.device or "cpu"
-    return Repro(a).run()
+    return a
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MLCDError as exc:
-        print(f"reproduce_fashion_mnist: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

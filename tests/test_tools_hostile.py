@@ -1,0 +1,123 @@
+"""Issue 15, tools/ and bench/: bad options and bad files read back are one line (exit 2)
+naming the option or file, checked before anything runs or is written."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlcd_core.errors import MLCDError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name):
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    return __import__(name)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["--seeds", "0,x"], "--seeds"),
+    (["--seeds", "-1"], "--seeds"),
+    (["--l-list", "0,8"], "--l-list"),
+    (["--k-list", "1,100"], "--k-list"),
+    (["--model-overrides", "[1, 2]"], "--model-overrides"),
+    (["--model-overrides", "{a: [1"], "--model-overrides"),
+])
+def test_reproduce_refuses_bad_lists_and_yaml_before_any_work(tmp_path, capsys, argv, where):
+    R = _tool("reproduce_fashion_mnist")
+    work = tmp_path / "work"
+    assert R.main(["--work", str(work), *argv]) == 2
+    assert where in _one_error_line(capsys)
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--jobs", "0"), ("--threads", "-2"), ("--steps", "0"),
+                                        ("--k-main", "1"), ("--workers", "-1"), ("--device", "tpu")])
+def test_reproduce_numeric_options_have_ranges(tmp_path, capsys, flag, value):
+    R = _tool("reproduce_fashion_mnist")
+    with pytest.raises(SystemExit) as e:
+        R.main(["--work", str(tmp_path / "w"), flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_reproduce_never_writes_among_the_idx_files_it_reads(tmp_path, capsys):
+    R = _tool("reproduce_fashion_mnist")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    assert R.main(["--work", str(idx / "work"), "--idx-dir", str(idx)]) == 2
+    assert "--work" in _one_error_line(capsys)
+    assert sorted(idx.iterdir()) == []
+    assert R.main(["--work", str(tmp_path / "w"), "--idx-dir", str(tmp_path / "nothing")]) == 2
+    assert "--idx-dir" in _one_error_line(capsys)
+
+
+def test_a_result_read_back_on_resume_is_checked(tmp_path):
+    R = _tool("reproduce_fashion_mnist")
+    row, budget = {"name": "mlcd_k10", "l": 8}, {"steps": 5}
+    good = {**row, "seed": 0, "budget": budget, "linear_top1": 0.8, "knn_top1": 0.7}
+    p = tmp_path / "result.json"
+    p.write_text(json.dumps(good))
+    assert R.load_result(str(p), row, 0, budget)["linear_top1"] == 0.8
+    for bad, word in (({"linear_top1": 80.0}, "linear_top1"), ({"knn_top1": "0.7"}, "knn_top1"),
+                      ({"linear_top1": True}, "linear_top1"), ({"l": 4}, "'l'"), ({"l": 8.0}, "'l'"),
+                      ({"seed": 1}, "'seed'"), ({"budget": {"steps": 6}}, "made with")):
+        p.write_text(json.dumps({**good, **bad}))
+        with pytest.raises(MLCDError, match=word):
+            R.load_result(str(p), row, 0, budget)
+    p.write_text("[1, 2]")
+    with pytest.raises(MLCDError, match="result.json"):
+        R.load_result(str(p), row, 0, budget)
+
+
+def test_complete_flag_must_be_a_boolean(tmp_path):
+    R = _tool("reproduce_fashion_mnist")
+    assert R._complete(str(tmp_path)) is False
+    (tmp_path / "meta.json").write_text(json.dumps({"complete": "yes"}))
+    with pytest.raises(MLCDError, match="key 'complete'"):
+        R._complete(str(tmp_path))
+    (tmp_path / "meta.json").write_text(json.dumps({"complete": True}))
+    assert R._complete(str(tmp_path)) is True
+
+
+def test_make_sample_refuses_to_write_over_the_set_it_reads(tmp_path, capsys, monkeypatch):
+    M = _tool("make_sample")
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (full / name).write_bytes(b"original")
+    real = M.S.fashion_mnist_full_paths
+    monkeypatch.setattr(M.S, "fashion_mnist_full_paths", lambda split: real(split, root=full))
+    assert M.main(["--out", str(full)]) == 2
+    assert "--out" in _one_error_line(capsys)
+    assert all(p.read_bytes() == b"original" for p in full.iterdir())
+    with pytest.raises(SystemExit) as e:
+        M.main(["--out", str(tmp_path / "o"), "--train-per-class", "0"])
+    assert e.value.code == 2
+
+
+def test_bench_options_are_range_checked(tmp_path, capsys):
+    from bench import run_all
+    from bench.bench_assign import main as bench_assign
+
+    with pytest.raises(SystemExit) as e:
+        bench_assign(["--repeats", "0"])
+    assert e.value.code == 2 and "--repeats" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_all.main(["--only", "nosuch"])
+    assert e.value.code == 2 and "nosuch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_all.main(["--only", "assign", "--json", str(tmp_path)])
+    assert e.value.code == 2 and "--json" in capsys.readouterr().err
