@@ -49,9 +49,12 @@ test: install tf4-venv
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=15
 
 # The unit tier for the edit-test loop (under a minute on 2 cores): every test not marked
-# `slow` in pytest.ini's sense (torchrun or spawned ranks, subprocesses, the demo).
+# `slow` in pytest.ini's sense (torchrun or spawned ranks, subprocesses, the demo), on
+# FAST_WORKERS pytest-xdist workers.  --dist loadfile keeps a file's tests on one worker, so
+# a module-scoped fixture (shards, a trained source run) is built once, not once per worker.
+FAST_WORKERS ?= 2
 test-fast: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" --durations=5
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" -n $(FAST_WORKERS) --dist loadfile --durations=5
 
 # ruff with ruff.toml's rules; .ci/run runs it after the tests.
 lint: install

@@ -35,6 +35,9 @@ EXTRAS = {
     "dev": [
         "pytest>=7",
         "pytest-timeout>=2.1",
+        # `make test-fast` runs the unit tier on 2 workers (-n 2); from 3.6.1 each worker runs
+        # its tests in its main thread, where the trainer's signal handlers can be installed
+        "pytest-xdist>=3.6.1,<4",
         "scikit-learn>=1.3",
         "transformers>=4.52,<6",
         "safetensors>=0.4,<1",

@@ -184,13 +184,15 @@ def test_timeouts_default_and_read_from_the_environment(clean_env):
     assert D.dist_timeouts() == (45.0, 7200.0)
 
 
-def test_bad_timeout_is_one_line_and_exit_2_from_the_command(clean_env, capsys):
+def test_bad_timeout_is_one_line_and_exit_2_from_the_command(clean_env, capsys, tmp_path):
     from mlcd_train.cli import run_stage
 
     for k, v in {D.TIMEOUT_VAR: "ten", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "RANK": "0",
                  "WORLD_SIZE": "2"}.items():
         clean_env.setenv(k, v)
-    assert run_stage("train", ["--config", "fashion_mnist_tiny", "train.device=cpu"]) == 2
+    # output_dir in the test's own folder (the preset's runs/fashion_mnist_tiny is relative to the cwd)
+    assert run_stage("train", ["--config", "fashion_mnist_tiny", "train.device=cpu",
+                               f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mlcd train: error: environment variable MLCD_DIST_TIMEOUT='ten': expected a positive "
                    "number of seconds"]
