@@ -199,6 +199,7 @@ def _two_ranks(rank, world):
     return same, None
 
 
+@pytest.mark.slow  # two spawned gloo ranks: 6 s of CPU on 2 cores
 @pytest.mark.timeout(300)
 def test_two_ranks_unchecked_equals_checked_and_every_rank_raises_the_same_error():
     res = run_distributed(_two_ranks, 2, (), timeout=240)

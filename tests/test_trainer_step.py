@@ -358,6 +358,7 @@ def _open_log_on_ranks(rank, world, out):
     return None
 
 
+@pytest.mark.slow  # two spawned gloo ranks: 5 s of CPU on 2 cores
 def test_a_refused_metrics_log_stops_every_rank(tmp_path):
     """Only rank 0 logs: its refusal used to leave the other ranks in their first collective
     (a hang until the launcher's or NCCL's timeout); now every rank raises, naming the file."""
