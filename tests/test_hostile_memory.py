@@ -101,6 +101,7 @@ def _two_ranks(rank, world_size):
     return None
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_two_ranks_stop_together_with_one_message():
     from tests.dist_utils import run_distributed
 
