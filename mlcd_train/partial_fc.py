@@ -98,6 +98,7 @@ FORMAT = "mlcd.partial_fc/1"
 _UNCHECKED_EMPTY = [0, -1, -1, 2**62, -2**62, 0]
 MARGINS = ("arc", "cos")
 _NORM_EPS = 1e-12
+_PAIR_TEMPS = 4  # a positive-pair block holds max_chunk_elems / _PAIR_TEMPS elements (see _pair_blocks)
 
 
 def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -155,7 +156,8 @@ class _SampledLogSumExp(torch.autograd.Function):
     cos_pos [N, l]: cos of the positive pairs (i, sampled column pos_cols[i, k]) (0 where < 0).
 
     The logits are built column chunk by column chunk and recomputed in backward, so memory is
-    O(N * chunk), never O(N * sampled); backward writes the weight gradient straight into one
+    O(N * chunk), never O(N * sampled); the positives' cosines run in sample blocks of
+    [block, l, d] gathered centres (``_pair_blocks``); backward writes the weight gradient straight into one
     dense [num_local, d] tensor (zero on unsampled rows).  Centre normalisation is folded
     into the logits (cos = (e_n . w) / |w|) and differentiated by hand:
     d/dw_j = (g_j - (sum_i dcos_ij cos_ij) w_j / |w_j|^2) with g_j = sum_i dcos_ij e_i / |w_j|."""
@@ -179,9 +181,12 @@ class _SampledLogSumExp(torch.autograd.Function):
         z.scatter_reduce_(1, idx, val, reduce="amin")
 
     @staticmethod
-    def _pair_blocks(n, l, chunk):
-        """Sample blocks [s0, s1) whose [block, l, d] gathers of centres stay within a chunk's size."""
-        b = max(1, chunk // max(1, l))
+    def _pair_blocks(n, l, d, max_elems):
+        """Sample blocks [s0, s1) of max_elems // (PAIR_TEMPS l d) samples (at least one): a block's
+        backward holds about 6.5 [block, l, d]-sized tensors at once (the gathered centres, their
+        normalised copy, the product and their gradients; measured), so blocks of max_elems / 4
+        elements keep its peak below the column chunks' (about 4 x max_elems)."""
+        b = max(1, max_elems // max(1, _PAIR_TEMPS * l * d))
         return [(s0, min(n, s0 + b)) for s0 in range(0, n, b)]
 
     @staticmethod
@@ -191,12 +196,22 @@ class _SampledLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def _pair_rows(pos_cols, index):
-        """Local centre row of every (sample, slot), a valid row where the slot has no positive here."""
+        """Local centre row of every (sample, slot), a valid row where the slot has no positive here
+        (the first sampled one: the reads of the gathers hit one row, which caches well)."""
         col = pos_cols.clamp(min=0)
         return col if index is None else index[col]
 
     @staticmethod
-    def forward(ctx, e_n, weight, index, pos_cols, scale, chunk):
+    def _pair_targets(pos_cols, rows, num_rows):
+        """Rows that receive the pairs' weight gradient in ``index_add_``: a slot without a
+        positive here (padding, or a class of another rank: most slots at W ranks) adds an
+        exact no-op (-0.0, see backward) to row (its flat slot number mod num_rows), so such
+        slots land on different rows instead of all on one (whose atomic adds a GPU serialises)."""
+        spread = torch.arange(pos_cols.numel(), device=pos_cols.device).view(pos_cols.shape) % num_rows
+        return torch.where(pos_cols >= 0, rows, spread)
+
+    @staticmethod
+    def forward(ctx, e_n, weight, index, pos_cols, scale, chunk, max_elems):
         n = e_n.shape[0]
         cols_total = weight.shape[0] if index is None else index.numel()
         lse = torch.full((n,), -math.inf, dtype=e_n.dtype, device=e_n.device)
@@ -214,11 +229,11 @@ class _SampledLogSumExp(torch.autograd.Function):
         if cols_total:
             valid = pos_cols >= 0
             rows = _SampledLogSumExp._pair_rows(pos_cols, index)
-            for s0, s1 in _SampledLogSumExp._pair_blocks(n, pos_cols.shape[1], chunk):
+            for s0, s1 in _SampledLogSumExp._pair_blocks(n, pos_cols.shape[1], weight.shape[1], max_elems):
                 c = _SampledLogSumExp._cos_pairs(e_n[s0:s1], weight[rows[s0:s1]].to(e_n.dtype))
                 cos_pos[s0:s1] = torch.where(valid[s0:s1], c, torch.zeros_like(c))
         ctx.save_for_backward(e_n, weight, index, lse, pos_cols)
-        ctx.scale, ctx.chunk = scale, chunk
+        ctx.scale, ctx.chunk, ctx.max_elems = scale, chunk, max_elems
         return lse, cos_pos
 
     @staticmethod
@@ -258,7 +273,9 @@ class _SampledLogSumExp(torch.autograd.Function):
             valid = pos_cols >= 0
             g_pos = torch.where(valid, g_pos, torch.zeros_like(g_pos))  # slots without a positive here: 0
             rows = _SampledLogSumExp._pair_rows(pos_cols, index)
-            for s0, s1 in _SampledLogSumExp._pair_blocks(e_n.shape[0], pos_cols.shape[1], ctx.chunk):
+            targets = _SampledLogSumExp._pair_targets(pos_cols, rows, weight.shape[0])
+            for s0, s1 in _SampledLogSumExp._pair_blocks(e_n.shape[0], pos_cols.shape[1], weight.shape[1],
+                                                         ctx.max_elems):
                 r = rows[s0:s1]
                 with torch.enable_grad():
                     ed = e_n[s0:s1].detach().requires_grad_()
@@ -267,8 +284,11 @@ class _SampledLogSumExp(torch.autograd.Function):
                 ge, gwp = torch.autograd.grad(cos, (ed, wp), g_pos[s0:s1])
                 grad_e[s0:s1] += ge
                 if grad_w is not None:
-                    grad_w.index_add_(0, r.reshape(-1), gwp.reshape(-1, gwp.shape[-1]).to(grad_w.dtype))
-        return grad_e, grad_w, None, None, None, None
+                    # slots without a positive here: -0.0, the exact identity of a float add (their
+                    # gradient is already +-0 through g_pos = 0, +0.0 would turn a -0.0 row into +0.0)
+                    gwp = torch.where(valid[s0:s1].unsqueeze(2), gwp, -0.0).to(grad_w.dtype)
+                    grad_w.index_add_(0, targets[s0:s1].reshape(-1), gwp.reshape(-1, gwp.shape[-1]))
+        return grad_e, grad_w, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the module
@@ -280,7 +300,8 @@ class PartialFC(nn.Module):
     (``group`` or the default group; one rank when none is initialised); they can be given
     explicitly to build a shard offline (resharding, tests), but ``forward`` with
     world_size > 1 needs the process group.  ``max_chunk_elems`` bounds the temporaries of one
-    column chunk (global batch x columns and columns x d; default 2**21 on CPU, 2**26 on CUDA).
+    column chunk (global batch x columns and columns x d; default 2**21 on CPU, 2**26 on CUDA)
+    and, over 4, those of one block of the positives' cosines ([block, l, d]).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 0.1,
@@ -597,7 +618,8 @@ class PartialFC(nn.Module):
                 self._pending.append(index)
             e_n = F.normalize(emb, dim=1, eps=_NORM_EPS)
             chunk = max(1, self.max_chunk_elems // max(e_n.shape[0], self.embedding_size))
-            lse_neg, cos_pos = _SampledLogSumExp.apply(e_n, self.weight, index, pos_cols, self.scale, chunk)
+            lse_neg, cos_pos = _SampledLogSumExp.apply(e_n, self.weight, index, pos_cols, self.scale, chunk,
+                                                       self.max_chunk_elems)
             valid = pos_cols >= 0
             neg_inf = torch.full((), -math.inf, dtype=dtype, device=e_n.device)
             if self.loss_fn.single_positive:
