@@ -6,6 +6,10 @@ backward and optimiser step of the loss (the backbone is replaced by a leaf embe
 Both sample rates run in the same processes on the same shard (0.1 first), so the figures
 share the machine's load.  Reported: median step time (slowest rank) and peak RSS per rank
 against the budget 1.3 x (bytes of the rank's centres + optimiser state) + 1 GB.
+Also (one process, one thread): the loss + backward time of the logits kernel alone at a larger
+global batch, N = 4096, a 100,000-class shard, l = 8, d = 256, sample_rate 0.1 (median of 5),
+where the positives' cosines over the [N, l] label slots run in sample blocks; wall time and the
+thread's CPU time (the machine's load shows in the first only).
 
     python -m bench.bench_partial_fc [--quick] [--classes K] [--repeats N]
     python -m bench.bench_partial_fc --device cuda --world 1 --classes 10000000   # one GPU
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
+import time
 
 from bench.common import format_table, median_time, row
 
@@ -83,10 +89,45 @@ def measure(k: int, d: int = 512, batch: int = 256, l: int = 8, repeats: int = 5
     return rows
 
 
+def measure_kernel(n: int = 4096, k: int = 100_000, d: int = 256, l: int = 8, rate: float = 0.1,
+                   repeats: int = 5) -> list[dict]:
+    """Loss + backward of PartialFC's kernel on one rank owning all k classes (one thread)."""
+    import torch
+
+    from mlcd_train.partial_fc import PartialFC
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pfc = PartialFC(d, k, sample_rate=rate, loss="mlcd", seed=1)
+        g = torch.Generator().manual_seed(7)
+        emb = torch.randn(n, d, generator=g).requires_grad_()
+        labels = torch.randint(0, k, (n, l), generator=g)
+        labels[torch.rand(n, l, generator=g) < 0.25] = -1  # padding slots
+        labels[:, 0] = labels[:, 0].abs()
+
+        def step():
+            pfc.weight.grad = None
+            emb.grad = None
+            pfc(emb, labels).backward()
+        t = median_time(step, repeats=repeats, warmup=1)
+        cpu = []  # the thread's CPU time: what a loaded machine's wall time hides
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            step()
+            cpu.append(time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    where = f"N={n} k={k:,} (one shard) l={l} d={d} rate {rate}, 1 thread, median of {repeats}"
+    return [row("partial_fc", "kernel loss+backward s", t, None, "", None, None, where),
+            row("partial_fc", "kernel loss+backward CPU s", statistics.median(cpu), None, "", None, None,
+                where + "; thread CPU time")]
+
+
 def run(quick: bool = False) -> list[dict]:
     if quick:
-        return measure(k=100_000, repeats=5)
-    return measure(k=1_000_000, repeats=3)
+        return measure(k=100_000, repeats=5) + measure_kernel()
+    return measure(k=1_000_000, repeats=3) + measure_kernel()
 
 
 def main(argv: list[str] | None = None) -> int:
