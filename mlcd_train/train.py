@@ -600,6 +600,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         cfg, info = self.cfg, self.info
+        if cfg.train.tune_malloc and info.device.type == "cpu":
+            from mlcd_core.malloc import tune_malloc
+
+            tune_malloc()  # before the first buffers: no page faults per step (mlcd_core/malloc.py)
         start = self.setup()
         total = cfg.train.steps
         if start >= total:
