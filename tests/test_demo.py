@@ -20,7 +20,7 @@ from mlcd_train.utils.errors import MLCDError
 
 STEPS = 60
 # The recipe's regularisers (RandAugment, colour jitter, erasing, drop path) pay off only over the
-# demo's full 900 steps (docs/reproduction.md); in a 60-step smoke run they keep the student near its
+# demo's full 600 steps (docs/reproduction.md); in a 60-step smoke run they keep the student near its
 # initialisation, so this run switches them off to test that the pipeline learns at all.
 NO_REGULARISERS = ["--set", "data.aug.rand_augment=0", "--set", "data.aug.color_jitter=0",
                    "--set", "data.aug.random_erasing=0", "--set", "model.drop_path=0"]

@@ -83,7 +83,7 @@ RULES = [
          skip=f"ViT-B/32 at batch 32K on 8 ranks: {GPU}; the torchrun form is run in Faults"),
     Rule(r"mlcd pipeline --config", skip="2 rounds x 300 steps of the example: minutes; tests/test_pipeline "
                                          "covers the command"),
-    Rule(r"mlcd demo --out demo_out$", skip="the full demo (900 steps, about 6 minutes); its --quick form runs"),
+    Rule(r"mlcd demo --out demo_out$", skip="the full demo (600 steps, about 4 minutes); its --quick form runs"),
     # names of an option or the start of a command in prose, not a command to run
     Rule(r"(mlcd (shards --input|assign --approx|assign --backend torch|cluster --backend torch|"
          r"embed --model mlcd:(…|runs/exp1 …)|assign --centroids OLD/cl/centroids\.npy|"
