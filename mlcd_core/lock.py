@@ -72,6 +72,26 @@ class Lock:
     _made_dir: bool = False  # the output folder did not exist before: removed on release if left empty
 
 
+# The locks this process created, by fd.  A forked child (a DataLoader worker of the trainer)
+# inherits the fd, and with it a share in the flock: a rank 0 killed with SIGKILL then left its
+# lock flocked by its orphaned workers for the seconds they take to notice, and torchrun's
+# restart of the group found it held ("another run writes here", a CI failure).  Each forked
+# child closes its copies at once; the parent's flock is not touched by that.
+_HELD: dict[int, "Lock"] = {}
+
+
+def _close_held_in_child() -> None:
+    for fd, lock in list(_HELD.items()):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        lock._fd, lock.owner = None, False  # a release() in the child deletes nothing
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 def lock_path(target: str | os.PathLike, beside: bool = False) -> Path:
     """The lock file of output ``target`` (see the module docstring)."""
     t = Path(os.path.abspath(os.path.expanduser(os.fspath(target))))
@@ -332,6 +352,7 @@ def _create_or_fail(target: Path, path: Path, me: dict) -> Optional[int]:
 def _owned(path: Path, me: dict, fd: int, key: str, made: bool = False) -> Lock:
     lock = Lock(path, True, me, fd)
     lock._made_dir = made
+    _HELD[fd] = lock
     if not os.environ.get(RUN_KEY_VAR):
         os.environ[RUN_KEY_VAR] = key  # children of this run (a pipeline's stages) share its locks
         lock._set_env = True
@@ -376,6 +397,7 @@ def release(lock: Lock) -> None:
                 with contextlib.suppress(OSError):  # not empty: the run's output stays
                     os.rmdir(lock.path.parent)
     finally:
+        _HELD.pop(lock._fd, None)
         with contextlib.suppress(OSError):
             os.close(lock._fd)
         lock._fd = None

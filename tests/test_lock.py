@@ -398,3 +398,40 @@ def test_probe_checks_its_folders_before_it_locks(tmp_path):
     with pytest.raises(MLCDError, match="a stage never writes into a folder it reads"):
         probe.main(_argv(train, train, train))
     assert not (train / LOCK_NAME).exists()
+
+
+# a process that takes a lock, forks a child that lives on (a DataLoader worker), then dies by SIGKILL
+_FORK_AND_DIE = r"""
+import os, signal, sys, time
+from mlcd_core.lock import acquire
+acquire(sys.argv[1], "train")
+child = os.fork()
+if child == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the test reads our parent's output to its end
+        os.dup2(null, fd)
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_holders_forked_child_does_not_keep_the_lock(tmp_path):
+    """A rank 0 killed by SIGKILL while its loader workers live on: the next run (torchrun's
+    restart of the group) takes the stale lock over at once instead of finding it flocked by
+    the orphaned child."""
+    import signal
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLCD_RUN_KEY", "RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-c", _FORK_AND_DIE, str(out)], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    child = int(r.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # the orphan is still alive
+        with output_lock(out, "train") as lock:
+            assert lock.owner and json.loads((out / ".mlcd.lock").read_text())["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
