@@ -121,6 +121,11 @@ def make_data(root: Path) -> tuple[Path, Path]:
 
 def run(quick: bool = False) -> list[dict]:
     os.environ.setdefault("MLCD_QUIET", "1")
+    # the trainer tunes glibc's malloc for the whole process on its first CPU run (mlcd_core/malloc.py);
+    # set it before the first repeat so that the bare loop runs with the same allocator every time
+    from mlcd_core.malloc import tune_malloc
+
+    tune_malloc()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
