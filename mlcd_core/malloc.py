@@ -11,13 +11,16 @@ from 15 to 4 s per 100 steps.  This is what ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` in the environment do; PyTorch's CPU tuning guides reach the same
 end with jemalloc or tcmalloc.
 
-``tune_malloc()`` sets, through ``mallopt``: buffers below 32 MiB (glibc's largest allowed
-threshold) come from the heap, and the heap is trimmed only when more than 1 GiB at its top is
-free.  The cost is memory the process keeps after it frees it (at most what one step held at
-its peak, per malloc arena).  The setting is process-wide and stays for the process's life
-(glibc has no way to read the previous values back).  Nothing is changed when the C library is
+``tune_malloc()`` sets, through ``mallopt``: buffers below 32 MiB (the ceiling of glibc's own
+moving threshold, DEFAULT_MMAP_THRESHOLD_MAX) come from the heap, and a heap is trimmed only
+when more than 1 GiB at its top is free.  The cost is memory the process keeps after it frees
+it: at most what it held at its peak, in each malloc arena (glibc makes up to 8 per core for
+threads that allocate at once; the trainer's ranks run one or a few torch threads).  The
+setting is process-wide and stays for the process's life (glibc has no way to read the
+previous values back).  Nothing is changed when the C library is
 not glibc, or when the user set either variable (their choice wins), or with
-``MLCD_MALLOC_TUNING=0``.
+``MLCD_MALLOC_TUNING=0`` (or ``false``, ``no``, ``off``).  An allocator put in with
+``LD_PRELOAD`` (jemalloc, tcmalloc) ignores ``mallopt``: nothing changes then either.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ __all__ = ["tune_malloc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-#: requests below this come from the heap (glibc refuses more than 32 MiB on 64-bit)
+#: requests below this come from the heap (glibc's own moving threshold stops at 32 MiB on 64-bit)
 MMAP_THRESHOLD = 32 << 20
 #: the heap's free top is given back only above this
 TRIM_THRESHOLD = 1 << 30
@@ -58,7 +61,8 @@ def tune_malloc() -> bool:
     if _done is not None:
         return _done
     users = any(v in os.environ for v in _USER_VARS) or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
-    if users or os.environ.get("MLCD_MALLOC_TUNING", "1") == "0":
+    off = os.environ.get("MLCD_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off")
+    if users or off:
         _done = False
         return False
     fn = _mallopt()

@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     # the ranks of this run share the lock (rank 0 holds it)
     with output_lock(cfg.output_dir, "train") if cfg.output_dir else nullcontext():
         info = init_distributed(device=None if cfg.train.device == "auto" else cfg.train.device)
+        if cfg.train.tune_malloc and info.device.type == "cpu":
+            from mlcd_core.malloc import tune_malloc
+
+            # process-wide, so set by the command (this process is the run), not by Trainer, which a
+            # notebook may use; before the model's first buffers (mlcd_core/malloc.py)
+            tune_malloc()
         try:
             return Trainer(cfg, info).run()
         finally:
@@ -600,10 +606,6 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         cfg, info = self.cfg, self.info
-        if cfg.train.tune_malloc and info.device.type == "cpu":
-            from mlcd_core.malloc import tune_malloc
-
-            tune_malloc()  # before the first buffers: no page faults per step (mlcd_core/malloc.py)
         start = self.setup()
         total = cfg.train.steps
         if start >= total:
