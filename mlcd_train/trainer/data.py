@@ -71,8 +71,10 @@ def check_k_against_centroids(meta: dict, path, k: int) -> None:
     """When the labels' meta.json names its centres (``centroids``: the absolute path `mlcd
     assign` records) and that is a readable .npy, k must be its number of rows: only the
     header is read (cheap, any size).  A path that is gone, relative, special or unreadable
-    is not checked (the trainer never reads the centres); a mismatch is an MLCDError naming
-    both files."""
+    is not checked.  A mismatch is a one-line warning naming both files, not a refusal: the
+    trainer never reads the centres, and a folder re-clustered after `mlcd assign`, or the same
+    path on another machine, would otherwise stop a run whose labels are sound (the Partial FC
+    memory check and the labels' range check guard k itself)."""
     c = meta.get("centroids")
     if not isinstance(c, str) or not c or "\0" in c or not os.path.isabs(c) or not os.path.isfile(c):
         return
@@ -83,9 +85,11 @@ def check_k_against_centroids(meta: dict, path, k: int) -> None:
     except (MLCDError, OSError, ValueError):
         return
     if len(shape) == 2 and shape[0] != k:
-        raise MLCDError(f"{path}: key 'k' is {k}, but the centres it names ('centroids': {c}) hold {shape[0]} rows: "
-                        "the meta.json is wrong, or those centres were replaced after `mlcd assign` (rerun mlcd "
-                        "assign against the centres to train on)")
+        import sys
+
+        print(f"mlcd train: warning: {path}: key 'k' is {k}, but the centres it names ('centroids': {c}) hold "
+              f"{shape[0]} rows: the meta.json was edited, or those centres were replaced after `mlcd assign`; "
+              "training goes on with k from the meta.json", file=sys.stderr, flush=True)
 
 
 def labels_identity(labels_dir: str) -> dict:

@@ -62,10 +62,35 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
     return None
 
 
+def _read_small(path: str) -> str | None:
+    """A small /proc or /sys file's text (None when it is not there or not a regular file)."""
+    from mlcd_core.errors import MLCDError
+    from mlcd_core.io import read_regular
+
+    try:
+        return read_regular(path, 1 << 16, "memory").decode("ascii", "replace").strip()
+    except (OSError, ValueError, MLCDError):
+        return None
+
+
+def _cgroup_free(root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup still allows (a container's limit: v2 memory.max -
+    memory.current, v1 memory.limit_in_bytes - memory.usage_in_bytes); None without a limit."""
+    for limit_name, usage_name in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = _read_small(os.path.join(root, limit_name)), _read_small(os.path.join(root, usage_name))
+        if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
+            continue  # "max", absent, or not numbers: no limit there
+        if int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+            return None
+        return max(0, int(limit) - int(usage))
+    return None
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on ``device``: CUDA's ``mem_get_info`` (free bytes of the
-    GPU), on the CPU MemAvailable of /proc/meminfo (else the free physical pages); None
-    when it cannot be told."""
+    GPU), on the CPU MemAvailable of /proc/meminfo (else the free physical pages), or less
+    where a container's memory cgroup allows less; None when it cannot be told."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
@@ -75,21 +100,43 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     avail = _meminfo_available()
-    if avail is not None:
-        return avail
+    if avail is None:
+        try:
+            avail = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    cg = _cgroup_free()
+    return avail if cg is None else min(avail, cg)
+
+
+def _machine() -> str:
+    """Which memory a CPU rank shares with others: the kernel's boot id (two containers on one
+    machine share it whatever their host names; two machines never do), else the host name."""
+    return _read_small("/proc/sys/kernel/random/boot_id") or socket.gethostname()
+
+
+def _gpu_uuid(index: int) -> str | None:
+    """A GPU's UUID: its identity beyond this process's index (a rank that sees one GPU through
+    CUDA_VISIBLE_DEVICES calls it cuda:0 like every other rank of the node)."""
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    except (RuntimeError, AssertionError, ValueError):
         return None
+    return str(uuid) if uuid else None
 
 
 def memory_record(num_local: int, embedding_size: int, device: torch.device) -> dict:
     """What one rank reports: where its shard lives, what is free there and what it needs."""
     device = torch.device(device)
-    where = "cpu" if device.type == "cpu" else (
-        f"{device.type}:{device.index if device.index is not None else torch.cuda.current_device()}"
-        if device.type == "cuda" else str(device))
-    return {"host": socket.gethostname(), "device": where, "free": free_bytes(device),
+    machine = _machine()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        where, uuid = f"cuda:{index}", _gpu_uuid(index)
+        memory = f"gpu:{uuid}" if uuid else f"{machine}:{where}"
+    else:
+        where = str(device)
+        memory = f"{machine}:{where}"
+    return {"host": socket.gethostname(), "memory": memory, "device": where, "free": free_bytes(device),
             "need": pfc_bytes(num_local, embedding_size), "num_local": int(num_local)}
 
 
@@ -100,8 +147,10 @@ def memory_verdict(records: list[dict], num_classes: int, embedding_size: int, s
     (the labels' meta.json and key, or a config key)."""
     groups: dict[tuple, list[int]] = {}
     for r, rec in enumerate(records):
-        groups.setdefault((rec["host"], rec["device"]), []).append(r)
-    for (host, dev), ranks in groups.items():
+        # one memory: a GPU by its UUID, the CPU by the machine (boot id) its ranks run on
+        groups.setdefault(rec.get("memory") or f"{rec['host']}:{rec['device']}", []).append(r)
+    for ranks in groups.values():
+        host, dev = records[ranks[0]]["host"], records[ranks[0]]["device"]
         free = min((records[r]["free"] for r in ranks if records[r]["free"] is not None), default=None)
         if free is None:
             continue  # cannot tell (another accelerator, no /proc): the allocation will say
