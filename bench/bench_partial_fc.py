@@ -131,15 +131,19 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlcd_core.args import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="k = 100,000 and 5 repeats: a fast look")
-    ap.add_argument("--classes", type=int, default=None, help="number of classes k (default 1,000,000)")
-    ap.add_argument("--dim", type=int, default=512, help="embedding size d (default 512)")
-    ap.add_argument("--batch", type=int, default=256, help="global batch (default 256)")
-    ap.add_argument("--labels", type=int, default=8, help="labels per sample l (default 8)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed steps per sample rate (default 3, quick 5)")
-    ap.add_argument("--world", type=int, default=2, help="ranks (default 2 gloo ranks; 1 = this process)")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda (use with --world 1)")
+    ap.add_argument("--classes", type=positive_int, default=None, help="number of classes k (default 1,000,000)")
+    ap.add_argument("--dim", type=positive_int, default=512, help="embedding size d (default 512)")
+    ap.add_argument("--batch", type=positive_int, default=256, help="global batch (default 256)")
+    ap.add_argument("--labels", type=positive_int, default=8, help="labels per sample l (default 8)")
+    ap.add_argument("--repeats", type=positive_int, default=None,
+                    help="timed steps per sample rate (default 3, quick 5)")
+    ap.add_argument("--world", type=positive_int, default=2, help="ranks (default 2 gloo ranks; 1 = this process)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cpu (default) or cuda (use with --world 1)")
     a = ap.parse_args(argv)
     if a.classes is None and a.repeats is None and a.dim == 512 and a.batch == 256 and a.labels == 8 \
             and a.world == 2 and a.device == "cpu":

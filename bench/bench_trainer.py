@@ -224,14 +224,15 @@ def run_parallel(modes: list[str], steps: int = 30, nproc: int = 2) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlcd_core.args import positive_int
+    from mlcd_core.args import int_at_least
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="the one-GPU ViT-B/16 k=1M measurement instead")
     ap.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
                     help="step time of this train.parallel mode beside ddp on 2 CPU ranks (torchrun)")
-    ap.add_argument("--steps", type=positive_int, default=30, help="steps per run of --parallel")
+    ap.add_argument("--steps", type=int_at_least(10), default=30,
+                    help="steps per run of --parallel (>= 10: the step time is read from the log's windows)")
     a = ap.parse_args(argv)
     if a.parallel:
         print(format_table(run_parallel(sorted({"ddp", a.parallel}), a.steps)))

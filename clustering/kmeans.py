@@ -55,7 +55,7 @@ import numpy as np
 from clustering import store
 from clustering.search import TorchSearcher, faiss_has_gpu, pick_backend
 from mlcd_core.errors import MLCDError
-from mlcd_core.args import nonneg_int, positive_int
+from mlcd_core.args import nonneg_int, positive_int, seed_int
 from mlcd_core.io import atomic_save_json, atomic_save_npy, check_out_separate, load_json
 from mlcd_core.lock import output_lock
 from mlcd_core.threads import restores_threads
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, required=True, help="number of centres")
     p.add_argument("--out", required=True, help="output folder (centroids.npy, meta.json)")
     p.add_argument("--niter", type=nonneg_int, default=20, help="Lloyd iterations (default 20)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sample, the init and faiss (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sample, the init and faiss (default 0)")
     p.add_argument("--init", choices=["random", "kmeans++"], default="random",
                    help="initial centres: k random training points, or k-means++ (default random)")
     p.add_argument("--init-sample", type=nonneg_int, default=0,

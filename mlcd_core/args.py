@@ -46,6 +46,22 @@ positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
 
 
+def int_between(low: int, high: int):
+    """An argparse type: an integer in [``low``, ``high``]."""
+    def parse(text: str) -> int:
+        v = _int(text)
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {text!r}")
+        return v
+    parse.__name__ = f"int in {low}..{high}"
+    return parse
+
+
+#: a seed every consumer takes (faiss's is a C int; torch.manual_seed, numpy and random take it too)
+SEED_MAX = 2 ** 31 - 1
+seed_int = int_between(0, SEED_MAX)
+
+
 def finite_float(text: str) -> float:
     """A finite number (no nan, inf)."""
     return _float(text)

@@ -121,3 +121,71 @@ def test_bench_options_are_range_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_all.main(["--only", "assign", "--json", str(tmp_path)])
     assert e.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["--seeds", "0,0"], "--seeds"),
+    (["--seeds", str(2 ** 31)], "--seeds"),
+    (["--l-list", "4,4"], "--l-list"),
+    (["--probe-train-shards", "3"], "--probe-train-shards"),
+])
+def test_reproduce_refuses_duplicates_huge_seeds_and_odd_probe_shards(tmp_path, capsys, argv, where):
+    R = _tool("reproduce_fashion_mnist")
+    assert R.main(["--work", str(tmp_path / "w"), *argv]) == 2
+    assert where in _one_error_line(capsys)
+    assert not (tmp_path / "w").exists()
+
+
+def test_reproduce_paths_and_rows_are_checked_before_any_work(tmp_path, capsys):
+    R = _tool("reproduce_fashion_mnist")
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert R.main(["--work", str(f)]) == 2
+    assert "--work" in _one_error_line(capsys) and f.read_text() == "x"
+    assert R.main(["--work", str(f / "sub")]) == 2  # a file in the way: one line, no traceback
+    _one_error_line(capsys)
+    work = tmp_path / "w"
+    (work / "idx").mkdir(parents=True)
+    assert R.main(["--work", str(work), "--idx-dir", str(work / "idx")]) == 2
+    assert "--idx-dir" in _one_error_line(capsys)
+    assert R.main(["--work", str(tmp_path / "w2"), "--rows", "nosuch"]) == 2
+    assert "nosuch" in _one_error_line(capsys)
+    assert not (tmp_path / "w2" / "shards").exists()  # refused before the shards were made
+    with pytest.raises(SystemExit) as e:
+        R.main(["--work", str(tmp_path / "w3"), "--seed", "3000000000"])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_make_sample_with_a_file_in_the_way_is_one_line(tmp_path, capsys, monkeypatch):
+    M = _tool("make_sample")
+    full = tmp_path / "full"
+    full.mkdir()
+    monkeypatch.setattr(M.S, "fashion_mnist_full_paths", lambda split: (full / "i", full / "l"))
+    monkeypatch.setattr(M, "read_idx", lambda p: __import__("numpy").zeros((20, 2, 2) if p.name == "i" else (20,),
+                                                                           "uint8"))
+    monkeypatch.setattr(M, "balanced_subset", lambda labels, per, seed, src: [0, 1])
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert M.main(["--out", str(f / "sub")]) == 2
+    assert str(f) in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [["--world", "0"], ["--repeats", "0"], ["--device", "tpu"], ["--classes", "-5"]])
+def test_bench_partial_fc_options_are_range_checked(capsys, argv):
+    from bench.bench_partial_fc import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_bench_trainer_steps_and_cluster_seed_are_range_checked(capsys):
+    from bench.bench_trainer import main
+    from clustering.kmeans import main as cluster_main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--parallel", "fsdp", "--steps", "5"])
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cluster_main(["--emb", "x", "--k", "2", "--out", "y", "--seed", str(2 ** 31)])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err

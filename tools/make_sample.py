@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     except MLCDError as exc:
         print(f"make_sample: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # --out not writable, a file in its way, a full disk
+        print(f"make_sample: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def make(args) -> int:

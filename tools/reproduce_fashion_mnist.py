@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 from clustering.assign import assign  # noqa: E402
 from clustering.embed import embed  # noqa: E402
 from clustering.kmeans import cluster_folder  # noqa: E402
-from mlcd_core.args import nonneg_int, positive_int  # noqa: E402
+from mlcd_core.args import SEED_MAX, nonneg_int, positive_int, seed_int  # noqa: E402
 from mlcd_core.errors import MLCDError  # noqa: E402
 from mlcd_core.io import atomic_save_json, atomic_write_text, check_out_separate, load_json  # noqa: E402
 from mlcd_train.data.shards import make_shards  # noqa: E402
@@ -404,9 +404,9 @@ class Repro:
 
         a = self.a
         t0 = time.perf_counter()
+        rows = self.rows()  # a bad --rows is refused before minutes of preparation
         self.prepare()
         log(f"prepared shards, teacher embeddings, clusters and labels in {time.perf_counter() - t0:.0f}s")
-        rows = self.rows()
         tasks = [(r, s) for r in rows for s in ([a.seed] if r["kind"] == "teacher" else a.seeds)]
         # the longest runs first, so that the --jobs pool ends together
         first = sorted((t for t in tasks if "after" not in t[0]), key=lambda t: -t[0].get("steps", 0) or 0)
@@ -479,19 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the probe on the first training shard (10k images) instead of all 60k")
     p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
                    help="cpu | cuda | auto (default cpu; --gpu: cuda)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the clustering (and of the teacher row)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the clustering (and of the teacher row)")
     return p
 
 
-def int_list(option: str, text: str, low: int) -> list[int]:
-    """``"1,2,4"`` -> [1, 2, 4], each an integer >= ``low``; else an MLCDError naming ``option``."""
+def int_list(option: str, text: str, low: int, high: int | None = None) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4], distinct integers in [``low``, ``high``]; else an MLCDError
+    naming ``option`` (a value twice would train two runs into one folder)."""
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
-        raise MLCDError(f"{option}: comma-separated integers expected, got {text!r}") from None
-    bad = [v for v in values if v < low]
+        raise MLCDError(f"{option}: comma-separated integers expected, got {text[:80]!r}") from None
+    bad = [v for v in values if v < low or (high is not None and v > high)]
     if bad:
-        raise MLCDError(f"{option}: every value must be an integer >= {low}, got {bad[0]}")
+        span = f">= {low}" if high is None else f"in {low}..{high}"
+        raise MLCDError(f"{option}: every value must be an integer {span}, got {str(bad[0])[:40]}")
+    if len(set(values)) != len(values):
+        raise MLCDError(f"{option}: a value appears twice in {text[:80]!r}")
     return values
 
 
@@ -503,6 +507,9 @@ def main(argv=None) -> int:
     except MLCDError as exc:
         print(f"reproduce_fashion_mnist: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be made or written (read-only, full, a file in the way)
+        print(f"reproduce_fashion_mnist: error: {exc.filename or a.work}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def settings(a: argparse.Namespace) -> argparse.Namespace:
@@ -512,7 +519,9 @@ def settings(a: argparse.Namespace) -> argparse.Namespace:
 
     a.k_list = int_list("--k-list", a.k_list, 2)
     a.l_list = int_list("--l-list", a.l_list, 1)
-    a.seeds = int_list("--seeds", a.seeds, 0)
+    a.seeds = int_list("--seeds", a.seeds, 0, SEED_MAX)
+    if a.probe_train_shards not in (None, 1):
+        raise MLCDError("--probe-train-shards: use 1 (the first 10k images), or leave it out (all 60k)")
     try:
         overrides = yaml.safe_load(a.model_overrides)
     except yaml.YAMLError as exc:
@@ -524,6 +533,12 @@ def settings(a: argparse.Namespace) -> argparse.Namespace:
         if not os.path.isdir(a.idx_dir):
             raise MLCDError(f"--idx-dir {a.idx_dir}: not a folder (it holds the four Fashion-MNIST IDX .gz files)")
         check_out_separate("--work", a.work, [("--idx-dir", a.idx_dir)], recursive=("--idx-dir",))
+        work, idx = Path(a.work).resolve(), Path(a.idx_dir).resolve()
+        if idx == work or work in idx.parents:  # the stages write all over --work
+            raise MLCDError(f"--idx-dir {a.idx_dir}: inside --work {a.work}, which the stages write into; "
+                            "keep the IDX files elsewhere")
+    if os.path.exists(a.work) and not os.path.isdir(a.work):
+        raise MLCDError(f"--work {a.work}: exists and is not a folder")
     a.best_set = a.best_set if a.best_set is not None else list(BEST_SET)
     a.batch_size = a.batch_size or 128
     if a.gpu:
