@@ -31,30 +31,26 @@ def _float(text: str) -> float:
     return v
 
 
-def int_at_least(low: int):
-    """An argparse type: an integer >= ``low``."""
+def int_between(low: int, high: int | None = None):
+    """An argparse type: an integer in [``low``, ``high``] (no upper bound when ``high`` is None)."""
+    span = f">= {low}" if high is None else f"in {low}..{high}"
+
     def parse(text: str) -> int:
         v = _int(text)
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}")
         return v
-    parse.__name__ = f"int>={low}"
+    parse.__name__ = f"int>={low}" if high is None else f"int in {low}..{high}"
     return parse
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    return int_between(low)
 
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
-
-
-def int_between(low: int, high: int):
-    """An argparse type: an integer in [``low``, ``high``]."""
-    def parse(text: str) -> int:
-        v = _int(text)
-        if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {text!r}")
-        return v
-    parse.__name__ = f"int in {low}..{high}"
-    return parse
 
 
 #: a seed every consumer takes (faiss's is a C int; torch.manual_seed, numpy and random take it too)
