@@ -56,8 +56,8 @@ import torch.distributed as dist
 
 from mlcd_train import config as C
 from mlcd_train.trainer import checkpoint as ck
-from mlcd_train.trainer.data import (TrainStream, check_labels, check_same_centres, check_same_labels,
-                                     data_sources, labels_identity, labels_meta, mix_seed)
+from mlcd_train.trainer.data import (TrainStream, check_k_against_centroids, check_labels, check_same_centres,
+                                     check_same_labels, data_sources, labels_identity, labels_meta, mix_seed)
 from mlcd_train.trainer.metrics import MetricsLog, _step_of, open_metrics_log  # noqa: F401  (MetricsLog, _step_of: re-exported for tests, bench)
 from mlcd_train.trainer.step import Batch, StepStats, accumulate_step, apply_step  # noqa: F401
 from mlcd_train.trainer.optim import build_optimizer, lr_factor, set_lr
@@ -218,6 +218,8 @@ class Trainer:
             elif cfg.data.labels:
                 meta = labels_meta(cfg.data.labels)
         self.labels_id = labels_identity(data_sources(cfg)[0]["labels"]) if meta is not None else None
+        if meta is not None and info.is_main:  # once per run (labels_meta is read more than once, on every rank)
+            check_k_against_centroids(meta, Path(data_sources(cfg)[0]["labels"]) / "meta.json", int(meta["k"]))
         C.validate(cfg, info.world_size, meta)
         self.out = Path(cfg.output_dir)
         self.ckdir = self.out / "checkpoints"

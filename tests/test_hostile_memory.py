@@ -181,7 +181,12 @@ def test_train_refuses_a_huge_k_in_one_line_and_a_corrected_run_then_trains(tmp_
 
 # ------------------------------------------------------------------ k against the centres
 def test_k_cross_checked_against_the_centres_the_meta_names(tmp_path, capsys):
-    from mlcd_train.trainer.data import labels_meta
+    from mlcd_train.trainer.data import check_k_against_centroids, labels_meta
+
+    def read(lbl):  # what the trainer does on rank 0
+        meta = labels_meta(str(lbl))
+        check_k_against_centroids(meta, lbl / "meta.json", meta["k"])
+        return meta
 
     lbl = tmp_path / "labels"
     lbl.mkdir()
@@ -191,15 +196,15 @@ def test_k_cross_checked_against_the_centres_the_meta_names(tmp_path, capsys):
     meta = {"k": 4, "topk": 2, "centroids": str(cent)}
     (lbl / "meta.json").write_text(json.dumps(meta))
     capsys.readouterr()
-    assert labels_meta(str(lbl))["k"] == 4  # a warning, not a refusal (the trainer never reads the centres)
+    assert read(lbl)["k"] == 4  # a warning, not a refusal (the trainer never reads the centres)
     err = capsys.readouterr().err
     assert re.search(r"warning: .*labels/meta.json: key 'k' is 4, but the centres .*centroids.npy\) hold 5", err)
     assert len(err.strip().splitlines()) == 1
     np.save(cent, np.zeros((4, 3), np.float32))
-    assert labels_meta(str(lbl))["k"] == 4 and capsys.readouterr().err == ""
+    assert read(lbl)["k"] == 4 and capsys.readouterr().err == ""
     # not checked (never blocks, never hangs): gone, relative, a FIFO, not a .npy
     for c in (str(tmp_path / "gone.npy"), "centroids.npy", str(tmp_path / "fifo"), str(lbl / "meta.json")):
         if c.endswith("fifo"):
             os.mkfifo(c)
         (lbl / "meta.json").write_text(json.dumps({**meta, "k": 7, "centroids": c}))
-        assert labels_meta(str(lbl))["k"] == 7
+        assert read(lbl)["k"] == 7

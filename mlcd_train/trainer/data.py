@@ -63,7 +63,6 @@ def labels_meta(labels_dir: str) -> dict:
     if not 1 <= topk <= k:
         raise MLCDError(f"{path}: key 'topk' should be a number of label columns in 1..k={k}, found {topk}")
     json_field(meta, "centroids_sha", str, path, default=None, nullable=True)
-    check_k_against_centroids(meta, path, k)
     return meta
 
 

@@ -43,16 +43,21 @@ def pfc_bytes(num_local: int, embedding_size: int, copies: int = PFC_COPIES) -> 
     return int(num_local) * (int(embedding_size) * 4 * int(copies) + 8)
 
 
-def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None when there is no such file or line)."""
+def _read_small(path: str) -> str | None:
+    """A small /proc or /sys file's text (None when it is not there or not a regular file)."""
     from mlcd_core.errors import MLCDError
     from mlcd_core.io import read_regular
 
-    try:  # /proc/meminfo is a regular file (of size 0 to stat); anything else is not read
-        text = read_regular(path, 1 << 20, "meminfo").decode("ascii", "replace")
+    try:
+        return read_regular(path, 1 << 20, "memory").decode("ascii", "replace").strip()
     except (OSError, ValueError, MLCDError):
         return None
-    for line in text.splitlines():
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None when there is no such file or line)."""
+    text = _read_small(path)  # a regular file (of size 0 to stat); anything else is not read
+    for line in (text or "").splitlines():
         if line.startswith("MemAvailable:"):
             parts = line.split()
             try:
@@ -60,17 +65,6 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
             except (IndexError, ValueError):
                 return None
     return None
-
-
-def _read_small(path: str) -> str | None:
-    """A small /proc or /sys file's text (None when it is not there or not a regular file)."""
-    from mlcd_core.errors import MLCDError
-    from mlcd_core.io import read_regular
-
-    try:
-        return read_regular(path, 1 << 16, "memory").decode("ascii", "replace").strip()
-    except (OSError, ValueError, MLCDError):
-        return None
 
 
 def _cgroup_free(root: str = "/sys/fs/cgroup") -> int | None:
