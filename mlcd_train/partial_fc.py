@@ -57,10 +57,12 @@ API (what the trainer uses)::
   calls by ``pfc.step_tag`` (or a count of calls).  Out-of-range labels in between are
   harmless: they are outside every rank's class range and count as padding.
 * Host syncs left in a forward without the check: none at ``sample_rate`` 1 (the logits
-  kernel works on the dense [N, l] label slots, no list of the positive pairs); below 1 the
-  sampling selects the positives (boolean mask, ``torch.unique``): the sampled set has
-  max(num_sample, positives) rows, a size the data decides (a fixed-size index would have to
-  cover the global batch's labels, at scale the whole shard).  See docs/architecture.md.
+  kernel works on the dense [N, l] label slots, no list of the positive pairs); none below 1
+  when the gathered batch has at most num_sample label slots (every positive fits: a
+  fixed-size draw over a mask of the positives); otherwise the sampling selects the positives
+  (boolean mask, ``torch.unique``): the sampled set has max(num_sample, positives) rows, a
+  size the data decides (a fixed-size index would have to cover the global batch's labels, at
+  scale the whole shard).  See docs/architecture.md.
 * ``PartialFCOptimizer`` (``make_optimizer``) updates only the rows sampled since its last
   step (row-wise AdamW with per-row step counts, or SGD with momentum); rows not sampled keep
   their weight and optimiser state bit for bit.  Its state lives with the shard.  Its
@@ -546,9 +548,17 @@ class PartialFC(nn.Module):
             index = self._planned[0]
         elif self.num_sample >= n:
             index = None
+        elif labels.numel() <= self.num_sample:
+            # every positive fits in the sample whatever the labels are: a fixed-size draw, no
+            # host sync (the same index and generator state as the branch below)
+            hit = torch.zeros(n + 1, dtype=torch.bool, device=labels.device)
+            hit[torch.where(inside, local, n).reshape(-1)] = True
+            score = torch.rand(n, generator=self.generator, device=labels.device)
+            score = torch.where(hit[:n], torch.full_like(score, 2.0), score)
+            index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
         else:
-            positives = torch.unique(local[inside])
-            if positives.numel() >= self.num_sample:
+            positives = torch.unique(local[inside])  # a size the data decides: a host sync
+            if positives.numel() > self.num_sample:
                 index = positives
             else:
                 score = torch.rand(n, generator=self.generator, device=labels.device)

@@ -263,3 +263,36 @@ def test_a_bad_label_between_sync_points_stops_the_trainer_at_the_next_one(tmp_p
     with pytest.raises(MLCDError, match=r"unchecked steps 3\.\.3 \(found at step 4\): rank 0: 1 call\(s\) with labels "
                                         r"outside \[0, num_classes=32\) \(-1 = padding\), min \d+ max 99"):
         train.main(_cfg(tmp_path / "bad", 8, "train.log_every=4", "train.stop_check_every=4"))
+
+
+def test_below_rate_1_a_sample_that_holds_every_possible_positive_is_drawn_without_a_host_sync():
+    """sample_rate < 1 with at most num_sample label slots in the gathered batch: the positives
+    always fit, so the draw has a fixed size and no data-dependent op (FakeTensorMode raises on
+    one); it picks the same rows and leaves the generator where the torch.unique branch does
+    (the same labels padded with -1 columns take that branch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    k = 64
+    pfc = P.PartialFC(D, k, sample_rate=0.5, scale=16.0, margin=0.2, seed=0)
+    assert pfc.num_sample == 32
+    g = torch.Generator().manual_seed(3)
+    for n, l in ((4, 3), (8, 4), (2, 1)):          # 12, 32, 2 slots <= 32: the fixed-size draw
+        labels = torch.randint(0, k, (n, l), generator=g)
+        labels[0, -1] = -1
+        padded = torch.cat([labels, torch.full((n, 33), -1)], dim=1)   # > 32 slots: the unique branch
+        pfc.generator.manual_seed(11)
+        fixed, cols = pfc._sample(labels)
+        after_fixed = pfc.generator.get_state()
+        pfc.generator.manual_seed(11)
+        ref, ref_cols = pfc._sample(padded)
+        assert torch.equal(fixed, ref) and fixed.numel() == 32
+        assert torch.equal(after_fixed, pfc.generator.get_state())
+        assert torch.equal(cols, ref_cols[:, :l])
+        assert bool((fixed[cols[labels >= 0]] == labels[labels >= 0]).all())   # every positive sampled
+    emb, labels = torch.randn(4, D), torch.randint(0, k, (4, 3))
+    pfc(emb, labels)  # the checked first call
+    pfc.check_inputs = False
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        e, y = mode.from_tensor(emb).requires_grad_(), mode.from_tensor(labels)
+        pfc(e, y).backward()
+        assert e.grad is not None and e.grad.shape == emb.shape

@@ -56,7 +56,9 @@ def test_overflow_skips_the_whole_step_and_lowers_the_scale():
     loss, gnorm, applied = _step(parts, x, y, scaler)
     assert not applied and not torch.isfinite(torch.tensor(gnorm)) and torch.isfinite(torch.tensor(loss))
     assert all(torch.equal(a, b) for a, b in zip(before, parts[0].parameters()))
-    assert torch.equal(centres, parts[1].weight) and len(parts[2].state) == 0
+    assert torch.equal(centres, parts[1].weight)
+    # the skipped step left the AdamW state as a fresh one (absent, or step 0 and zero moments)
+    assert all(not torch.is_tensor(v) or not v.any() for st in parts[2].state.values() for v in st.values())
     assert int(parts[3].state[parts[1].weight]["step"].sum()) == 0     # no centre row moved
     assert scaler.get_scale() == 2.0 ** 17
     assert _step(parts, x, y, scaler)[2] and not torch.equal(centres, parts[1].weight)  # the next one applies
@@ -105,3 +107,46 @@ def test_trainer_loop_with_a_scaler_matches_fp32_and_saves_its_state(tmp_path, m
     # a resume restores the scale the run had reached
     assert train.main(_args(tmp_path / "scaled", "train.precision=fp16", "train.steps=4")) == 0
     assert made[-1].get_scale() == 2.0 ** 12                    # 2 ** 10 had the state not been loaded
+
+
+def _watch_host_reads(monkeypatch) -> list:
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name: reads.append(_n) or _r(self, *a))
+    return reads
+
+
+@pytest.mark.parametrize("init_scale", [2.0 ** 12, 2.0 ** 127])  # a clean step, an overflowing one
+def test_the_scaled_step_reads_nothing_on_the_host(monkeypatch, init_scale):
+    """sync=False with a GradScaler: unscale, clip, the guarded steps and scaler.update() stay on
+    the device (the scaler's own step() would read its overflow flag); the verdict matches."""
+    model, pfc, _, popt = _setup()
+    # the trainer's AdamW is the fused one (the plain one reads its CPU step count, a Python float)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    x, y = torch.randn(6, 12), torch.randint(0, 30, (6, 2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=2.0 ** -110)
+    reads = _watch_host_reads(monkeypatch)
+    loss = pfc(model(x), y)
+    reads.clear()  # PartialFC's own input check reads its label range
+    loss_t, gnorm_t, ok_t = train.apply_step(loss, list(model.parameters()), 1.0, (opt, popt), scaler, sync=False)
+    assert reads == []
+    assert torch.is_tensor(ok_t) and bool(ok_t) == (init_scale < 2.0 ** 100)
+    assert scaler.get_scale() == (init_scale if init_scale < 2.0 ** 100 else 2.0 ** 17)
+
+
+def test_an_overflow_in_the_centres_alone_skips_the_step():
+    """The centres' gradient overflows, the backbone's does not (its norm is finite): the flag
+    unscale_ records for the Partial FC optimiser skips the whole step and lowers the scale."""
+    parts = _setup()
+    model, pfc, opt, popt = parts
+    before = [p.detach().clone() for p in model.parameters()]
+    centres = pfc.weight.detach().clone()
+    x, y = torch.randn(6, 12), torch.randint(0, 30, (6, 2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    pfc.weight.register_hook(lambda g: g * float("inf"))
+    loss = pfc(model(x), y)
+    loss_v, gnorm_v, applied = train.apply_step(loss, list(model.parameters()), 1.0, (opt, popt), scaler)
+    assert torch.isfinite(torch.tensor([loss_v, gnorm_v])).all() and not applied
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.equal(centres, pfc.weight) and scaler.get_scale() == 2.0 ** 11

@@ -6,9 +6,10 @@
   AdamW of torch takes it as ``found_inf`` (the kernel skips the update and undoes the step
   count, as under a GradScaler), the Partial FC optimiser keeps its sampled rows as they were
   (``found_inf`` too), any other optimiser is stepped and then its parameters and state are
-  put back with ``torch.where`` (a copy of them per step: the CPU / foreach path).  With
-  ``sync=True`` (and always with an fp16 GradScaler, whose ``update`` reads the flag anyway)
-  the figures come back as Python numbers.
+  put back with ``torch.where`` (a copy of them per step: the CPU / foreach path).  An fp16
+  GradScaler unscales, and its ``update`` lowers the scale from the device flags; its ``step``
+  (which reads the flag on the host) is not used.  With ``sync=True`` the figures come back as
+  Python numbers.
 - :class:`StepStats`: the window's sums (loss, grad norm, applied steps), the skipped steps and
   the run of non-finite steps, all on the device; :meth:`StepStats.read` is the one transfer,
   made on log steps and every ``train.stop_check_every`` steps.
@@ -93,6 +94,21 @@ def guarded_step(opt, ok: torch.Tensor) -> None:
                             opt.state[p][key] = v
 
 
+def scaler_found_inf(scaler, optimizers) -> list:
+    """The overflow flags (0-d float tensors, 1 = inf/nan found) that ``scaler.unscale_`` recorded
+    for ``optimizers`` this step; [] when this torch keeps them elsewhere (the gradient norm
+    still catches an overflow of the clipped parameters)."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict):
+        return []
+    out = []
+    for opt in optimizers:
+        found = states.get(id(opt), {}).get("found_inf_per_device")
+        if isinstance(found, dict):
+            out.extend(v for v in found.values() if torch.is_tensor(v))
+    return out
+
+
 def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler=None,
                clip_fn=None, loss_before: torch.Tensor | None = None, sync: bool = True):
     """Backward, clip the backbone gradient, step every optimiser: (loss, grad norm, applied).
@@ -102,30 +118,28 @@ def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler
     the loss is the global mean).  ``sync=False``: the three come back as device tensors and
     nothing is read on the host.  With a ``scaler`` (fp16) the scaled loss is backpropagated
     and every optimiser's gradients are unscaled before clipping, so the norm is the true
-    one: an overflow of the scaled gradient reads as a non-finite norm and skips the step
-    like any other non-finite step; ``scaler.update()`` then lowers the scale (this path
-    reads the figures on the host)."""
+    one: an overflow of the scaled gradient (the norm, or the flag ``unscale_`` records for any
+    optimiser) skips the step like any other non-finite step, and ``scaler.update()`` lowers
+    the scale.  Neither reads anything on the host (the scaler's own ``step`` would: it reads
+    the overflow flag unless the optimiser is a fused one)."""
     if scaler is None:
         loss.backward()
     else:
         scaler.scale(loss).backward()
         for opt in optimizers:
-            scaler.unscale_(opt)
+            scaler.unscale_(opt)  # records each optimiser's overflow flag on the device
     gnorm = (clip_fn or torch.nn.utils.clip_grad_norm_)(params, clip if clip > 0 else float("inf"))
     total = loss.detach() if loss_before is None else loss.detach() + loss_before
-    if scaler is not None:
-        loss_v, gnorm_v = float(total), float(gnorm)
-        applied = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-        if applied:
-            for opt in optimizers:
-                opt.step()
-        scaler.update()  # from the overflow checks unscale_ recorded
-        return loss_v, gnorm_v, applied
     if not torch.is_tensor(gnorm):
         gnorm = torch.tensor(float(gnorm), device=total.device)
     ok = torch.isfinite(total) & torch.isfinite(gnorm.to(total.device))
+    if scaler is not None:
+        for inf in scaler_found_inf(scaler, optimizers):  # an overflow outside the clipped parameters too
+            ok = ok & (inf.to(ok.device, non_blocking=True) == 0)
     for opt in optimizers:
         guarded_step(opt, ok)
+    if scaler is not None:
+        scaler.update()  # from the flags unscale_ recorded: on the device, no read
     if sync:
         return float(total), float(gnorm), bool(ok)
     return total, gnorm, ok
