@@ -50,6 +50,8 @@ from mlcd_core.errors import MLCDError
 if TYPE_CHECKING:  # torch is imported where it is used: `mlcd --help` imports this module
     import torch
 
+#: images a CPU forward takes at once (``Embedder.__call__`` slices a larger batch)
+CPU_CHUNK = 128
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -93,8 +95,13 @@ class Embedder:
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16)
                if self.autocast and self.device.type == "cuda" else contextlib.nullcontext())
         with torch.inference_mode(), ctx:
-            out = self.forward(batch.to(self.device, non_blocking=True))
-        return out.float()
+            batch = batch.to(self.device, non_blocking=True)
+            step = CPU_CHUNK if self.device.type == "cpu" else len(batch)
+            if len(batch) <= step:
+                return self.forward(batch).float()
+            # on the CPU a large batch runs in slices of CPU_CHUNK images: a tower's activations
+            # then stay in cache (ResNet-18-w16-28 on one thread: 396 img/s at 1024, 833 at 128)
+            return torch.cat([self.forward(batch[i:i + step]).float() for i in range(0, len(batch), step)])
 
     def describe(self) -> dict:
         return {"spec": self.spec, "dim": self.dim}
