@@ -11,6 +11,7 @@ from mlcd_train import partial_fc as P
 from mlcd_train import train
 from mlcd_train.trainer.checkpoint import list_checkpoints
 from mlcd_train.utils.errors import MLCDError
+from tests.dist_utils import run_distributed
 
 
 def _setup(seed=0):
@@ -150,3 +151,57 @@ def test_an_overflow_in_the_centres_alone_skips_the_step():
     assert torch.isfinite(torch.tensor([loss_v, gnorm_v])).all() and not applied
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert torch.equal(centres, pfc.weight) and scaler.get_scale() == 2.0 ** 11
+
+
+def _overflow_on_rank_0(rank, world_size):
+    import torch
+    from mlcd_train import partial_fc as P
+    from mlcd_train import train
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    pfc = P.PartialFC(8, 30, sample_rate=1.0, scale=16.0, margin=0.2, seed=0)   # 15 centres a rank
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    popt = pfc.make_optimizer(1e-2, kind="adamw")
+    before = [p.detach().clone() for p in model.parameters()] + [pfc.weight.detach().clone()]
+    if rank == 0:  # this rank's own centres overflow; every backbone gradient stays finite
+        pfc.weight.register_hook(lambda g: g * float("inf"))
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, 12, generator=g), torch.randint(0, 30, (4, 2), generator=g)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    loss = pfc(model(x), y)
+    _, _, ok = train.apply_step(loss, list(model.parameters()), 1.0, (opt, popt), scaler, sync=False)
+    after = list(model.parameters()) + [pfc.weight]
+    return bool(ok), scaler.get_scale(), all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank():
+    """2 gloo ranks: rank 0's Partial FC gradient overflows, rank 1's does not (the centres'
+    gradient is each rank's own): both ranks skip, keep their weights, and lower their scale
+    alike (a rank that applied the step would leave the backbones apart for good)."""
+    res = run_distributed(_overflow_on_rank_0, 2, (), timeout=180)
+    assert res == [(False, 2.0 ** 11, True), (False, 2.0 ** 11, True)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: a host sync is a CUDA notion")
+def test_the_scaled_cuda_step_makes_no_host_sync():
+    """On a GPU, torch's sync debug mode raises on any synchronising call inside the step
+    (what the Python-level watch above cannot see: .cpu(), nonzero, a blocking copy)."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).to(dev)
+    pfc = P.PartialFC(8, 30, sample_rate=1.0, scale=16.0, margin=0.2, seed=0).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    popt = pfc.make_optimizer(1e-2, kind="adamw")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12)
+    x, y = torch.randn(6, 12, device=dev), torch.randint(0, 30, (6, 2), device=dev)
+    for _ in range(2):  # the second step: the optimisers' state exists
+        pfc.check_inputs = False
+        loss = pfc(model(x), y)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            train.apply_step(loss, list(model.parameters()), 1.0, (opt, popt), scaler, sync=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.zero_grad(set_to_none=True)
+        popt.zero_grad(set_to_none=True)

@@ -51,6 +51,12 @@ def supports_found_inf(opt) -> bool:
     return bool(getattr(opt, "_step_supports_amp_scaling", False)) and bool(opt.defaults.get("fused"))
 
 
+def _verdict_on(ok: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``ok`` on ``device``: a copy from a GPU to the CPU (a non-fused optimiser's CPU step
+    count) waits for the value (a non-blocking one could be read before it lands)."""
+    return ok.to(device, non_blocking=device.type != "cpu")
+
+
 def guarded_step(opt, ok: torch.Tensor) -> None:
     """``opt.step()`` when ``ok`` (a 0-d bool tensor), else leave the parameters and the state
     as they were; without reading ``ok`` on the host."""
@@ -78,13 +84,13 @@ def guarded_step(opt, ok: torch.Tensor) -> None:
     opt.step()
     with torch.no_grad():
         for cur, old in saved:
-            keep = ok.to(cur.device, non_blocking=True)
+            keep = _verdict_on(ok, cur.device)
             cur.copy_(torch.where(keep, cur, old))
         for p in fresh:  # state created by this step: back to its initial zeros when skipped
             for v in opt.state.get(p, {}).values():
                 if torch.is_tensor(v):
                     v = _local(v)
-                    v.copy_(torch.where(ok.to(v.device, non_blocking=True), v, torch.zeros_like(v)))
+                    v.copy_(torch.where(_verdict_on(ok, v.device), v, torch.zeros_like(v)))
         if plain and not bool(ok):
             for group in opt.param_groups:
                 for p in group["params"]:
@@ -95,17 +101,33 @@ def guarded_step(opt, ok: torch.Tensor) -> None:
 
 def scaler_found_inf(scaler, optimizers) -> list:
     """The overflow flags (0-d float tensors, 1 = inf/nan found) that ``scaler.unscale_`` recorded
-    for ``optimizers`` this step; [] when this torch keeps them elsewhere (the gradient norm
-    still catches an overflow of the clipped parameters)."""
+    for ``optimizers`` this step, the tensors ``scaler.update()`` reads."""
+    from mlcd_core.errors import MLCDError
+
     states = getattr(scaler, "_per_optimizer_states", None)
-    if not isinstance(states, dict):
-        return []
     out = []
     for opt in optimizers:
-        found = states.get(id(opt), {}).get("found_inf_per_device")
-        if isinstance(found, dict):
-            out.extend(v for v in found.values() if torch.is_tensor(v))
+        found = states.get(id(opt), {}).get("found_inf_per_device") if isinstance(states, dict) else None
+        if not isinstance(found, dict):
+            raise MLCDError("train.precision=fp16: this torch's GradScaler keeps its overflow flags elsewhere "
+                            f"(torch {torch.__version__}); use train.precision=bf16 or fp32")
+        out.extend(v for v in found.values() if torch.is_tensor(v))
     return out
+
+
+def _agreed_overflow(flags: list, device: torch.device) -> torch.Tensor:
+    """1.0 when any flag of any rank is set, else 0.0, on the device, written back into every
+    flag: ranks skip together and ``scaler.update()`` moves every rank's scale alike (the
+    Partial FC centres' gradient is the rank's own, never averaged, so its flag can differ)."""
+    import torch.distributed as dist
+
+    found = torch.stack([f.to(device, non_blocking=True).float().reshape(()) for f in flags]).amax() \
+        if flags else torch.zeros((), device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    for f in flags:
+        f.copy_(found.to(f.device, non_blocking=True))
+    return found
 
 
 def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler=None,
@@ -118,9 +140,10 @@ def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler
     nothing is read on the host.  With a ``scaler`` (fp16) the scaled loss is backpropagated
     and every optimiser's gradients are unscaled before clipping, so the norm is the true
     one: an overflow of the scaled gradient (the norm, or the flag ``unscale_`` records for any
-    optimiser) skips the step like any other non-finite step, and ``scaler.update()`` lowers
-    the scale.  Neither reads anything on the host (the scaler's own ``step`` would: it reads
-    the overflow flag unless the optimiser is a fused one)."""
+    optimiser on any rank, agreed by an all-reduce on the device) skips the step like any other
+    non-finite step, and ``scaler.update()`` lowers every rank's scale alike.  Neither reads
+    anything on the host (the scaler's own ``step`` would: it reads the overflow flag unless
+    the optimiser is a fused one)."""
     if scaler is None:
         loss.backward()
     else:
@@ -132,9 +155,8 @@ def apply_step(loss: torch.Tensor, params: list, clip: float, optimizers, scaler
     if not torch.is_tensor(gnorm):
         gnorm = torch.tensor(float(gnorm), device=total.device)
     ok = torch.isfinite(total) & torch.isfinite(gnorm.to(total.device))
-    if scaler is not None:
-        for inf in scaler_found_inf(scaler, optimizers):  # an overflow outside the clipped parameters too
-            ok = ok & (inf.to(ok.device, non_blocking=True) == 0)
+    if scaler is not None:  # an overflow outside the clipped parameters too, on any rank
+        ok = ok & (_agreed_overflow(scaler_found_inf(scaler, optimizers), ok.device) == 0)
     for opt in optimizers:
         guarded_step(opt, ok)
     if scaler is not None:
@@ -184,7 +206,7 @@ class StepStats:
         self.t = torch.zeros(6, dtype=torch.float64, device=device)
 
     def update(self, loss, gnorm, ok) -> None:
-        if not torch.is_tensor(ok):  # a host-side step (fp16 scaler): the same bookkeeping
+        if not torch.is_tensor(ok):  # figures read on the host (apply_step(sync=True)): the same bookkeeping
             dev = self.t.device
             loss, gnorm, ok = (torch.tensor(float(loss), device=dev), torch.tensor(float(gnorm), device=dev),
                                torch.tensor(bool(ok), device=dev))
