@@ -44,9 +44,14 @@ DEFAULT_L2_TEXT = ",".join(f"{v:g}" for v in DEFAULT_L2_GRID)  # --l2-grid's def
 
 # --------------------------------------------------------------------------- linear probe
 def _standardise(train: torch.Tensor, *others: torch.Tensor):
-    mean = train.mean(0, keepdim=True)
-    std = train.std(0, keepdim=True).clamp_min(1e-6)
-    return [(t - mean) / std for t in (train, *others)]
+    """float32 copies of ``train`` and ``others`` standardised by the training split's mean and
+    standard deviation (both summed in float64, without a float64 copy of the features)."""
+    n = max(train.shape[0], 1)
+    mean = train.sum(0, dtype=torch.float64) / n
+    centred = train.float() - mean.float()   # a new tensor: scaled in place below
+    std = (torch.linalg.vector_norm(centred, dim=0, dtype=torch.float64) / max(n - 1, 1) ** 0.5).clamp_min(1e-6)
+    inv = (1.0 / std).float()
+    return [centred.mul_(inv)] + [((t.float() - mean.float()) * inv) for t in others]
 
 
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
@@ -64,8 +69,8 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     """
     y = y.long()
     n, d = x.shape
-    xs = x.float().contiguous()          # [N, d]: the gradient's product
-    xt = xs.t().contiguous()             # [d, N]: the logits' product
+    xs = x.float().contiguous()          # [N, d]: the gradient's product (x itself when float32)
+    xt = xs.t().contiguous()             # [d, N]: the logits' product (a transposed view is 1.5x slower)
     if init is None:
         w = torch.zeros(d, num_classes, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
@@ -95,7 +100,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
 def _accuracy(w, b, x, y) -> float:
     if len(y) == 0:
         return float("nan")
-    pred = (x.double() @ w + b).argmax(1)
+    pred = torch.addmm(b.float(), x.float(), w.float()).argmax(1)
     return float((pred == y.long()).double().mean())
 
 
@@ -107,9 +112,9 @@ def linear_probe(train_x, train_y, test_x, test_y, l2_grid=DEFAULT_L2_GRID, val_
     (the best validation accuracy wins; ties go to the stronger regularisation).  With a
     single value, no validation split is made.
     """
-    tx = torch.as_tensor(np.asarray(train_x), dtype=torch.float64)
+    tx = torch.as_tensor(np.asarray(train_x), dtype=torch.float32)
     ty = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
-    vx = torch.as_tensor(np.asarray(test_x), dtype=torch.float64)
+    vx = torch.as_tensor(np.asarray(test_x), dtype=torch.float32)
     vy = torch.as_tensor(np.asarray(test_y), dtype=torch.long)
     if tx.ndim != 2 or vx.ndim != 2 or tx.shape[1] != vx.shape[1]:
         raise MLCDError(f"linear probe: features must be [n, d] with the same d, got {tuple(tx.shape)} "
