@@ -319,6 +319,6 @@ def test_repro_prepare_resumes_unfinished_assign(tmp_path, monkeypatch, assign_c
     called = []
     monkeypatch.setattr(R, "call", lambda fn, *args, **kwargs: called.append(fn.__module__))  # the stage function
     a = Namespace(work=str(work), idx_dir=None, k_list=[10], l_list=[8], k_main=10, k_rate=10, seed=0)
-    R.Repro(a).prepare()
+    R.Repro(a).prepare([{"kind": "train", "k": 10, "labels": "labels_k10"}])
     assert "clustering.embed" not in called and "mlcd_train.data.shards" not in called
     assert ("clustering.assign" in called) == expect_assign

@@ -189,3 +189,16 @@ def test_bench_trainer_steps_and_cluster_seed_are_range_checked(capsys):
     with pytest.raises(SystemExit) as e:
         cluster_main(["--emb", "x", "--k", "2", "--out", "y", "--seed", str(2 ** 31)])
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_reproduce_prepares_only_the_clusterings_its_rows_use_and_round2_needs_its_teacher(tmp_path, capsys):
+    R = _tool("reproduce_fashion_mnist")
+    a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--rows", "best_round2"]))
+    with pytest.raises(MLCDError, match="best_round2 needs best in the same --rows"):
+        R.Repro(a).rows()
+    a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--rows", "unicom_k100,best"]))
+    rep = R.Repro(a)
+    assert rep.needed_ks(rep.rows()) == [100, 1000]
+    a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--rows", "teacher"]))
+    rep = R.Repro(a)
+    assert rep.needed_ks(rep.rows()) == []

@@ -126,14 +126,12 @@ class Repro:
     def p(self, *parts) -> str:
         return str(self.w.joinpath(*parts))
 
-    def needed_ks(self) -> list[int]:
-        a = self.a
-        if getattr(a, "rows", "full") == "main":
-            return [a.k_main]
-        return sorted(set(a.k_list + [a.k_main, a.k_rate]))
+    def needed_ks(self, rows: list[dict]) -> list[int]:
+        """The cluster counts whose labels the rows train on (round 2 clusters its own)."""
+        return sorted({r["k"] for r in rows if r["kind"] == "train" and r["labels"] != "round2"})
 
     # ------------------------------------------------------------------ shared preparation
-    def prepare(self) -> None:
+    def prepare(self, rows: list[dict]) -> None:
         a = self.a
         for split in ("train", "test"):
             out = self.p("shards", split)
@@ -147,7 +145,7 @@ class Repro:
             call(embed, self.p("shards", "train"), self.p("emb"), "pca", dim=64, image_size=28, pca_fit_samples=20000,
                  workers=0, batch_size=1024)
         topk = max(a.l_list + [8])
-        for k in self.needed_ks():
+        for k in self.needed_ks(rows):
             self.cluster_and_assign(self.p("emb"), k, self.p(f"clusters_k{k}"), self.p(f"labels_k{k}"), topk)
 
     def cluster_and_assign(self, emb: str, k: int, cl: str, lbl: str, topk: int) -> None:
@@ -192,6 +190,10 @@ class Repro:
             if bad:
                 raise MLCDError(f"--rows: unknown row(s) {bad}; main rows: {sorted(known)} (or 'main', 'full')")
             rows = [r for r in rows if r["row"] in wanted]
+            picked = {r["row"] for r in rows}
+            lacking = [f"{r['row']} needs {r['after']}" for r in rows if "after" in r and r["after"] not in picked]
+            if lacking:  # round 2's teacher is the earlier row's student of the same seed
+                raise MLCDError(f"--rows: {'; '.join(lacking)} in the same --rows (it embeds with that student)")
         return rows
 
     def rdir(self, row: dict, seed: int) -> str:
@@ -405,7 +407,7 @@ class Repro:
         a = self.a
         t0 = time.perf_counter()
         rows = self.rows()  # a bad --rows is refused before minutes of preparation
-        self.prepare()
+        self.prepare(rows)
         log(f"prepared shards, teacher embeddings, clusters and labels in {time.perf_counter() - t0:.0f}s")
         tasks = [(r, s) for r in rows for s in ([a.seed] if r["kind"] == "teacher" else a.seeds)]
         # the longest runs first, so that the --jobs pool ends together
