@@ -410,8 +410,12 @@ class Repro:
         self.prepare(rows)
         log(f"prepared shards, teacher embeddings, clusters and labels in {time.perf_counter() - t0:.0f}s")
         tasks = [(r, s) for r in rows for s in ([a.seed] if r["kind"] == "teacher" else a.seeds)]
-        # the longest runs first, so that the --jobs pool ends together
-        first = sorted((t for t in tasks if "after" not in t[0]), key=lambda t: -t[0].get("steps", 0) or 0)
+        # the longest trainings first, so that the --jobs pool ends together; the probe-only rows
+        # (teacher, random init) before the short trainings: their probes run in this process one
+        # at a time, and last in the queue they left one lane idle (the 3 December run: 10 of its
+        # 100 minutes)
+        first = sorted((t for t in tasks if "after" not in t[0]),
+                       key=lambda t: -(t[0]["steps"] if t[0]["kind"] == "train" else a.steps + 1))
         later = [t for t in tasks if "after" in t[0]]
         threads = 1 if a.jobs > 1 else a.threads
         results: dict = {}
