@@ -21,7 +21,7 @@ per-row aggregates), ``results.md`` (the table), ``results.png`` (the plot); per
 ``runs/<row>/seed<s>/``.  Everything resumes: rerunning skips finished runs.  ``--jobs 2``
 trains two runs at a time with one thread each (faster on 2 cores than one run with two).
 
-    python tools/reproduce_fashion_mnist.py --work work/repro             # main rows: about 90 min, 2 cores
+    python tools/reproduce_fashion_mnist.py --work work/repro             # main rows: 101 min on 2 idle cores
     python tools/reproduce_fashion_mnist.py --work work/repro --rows full
     python tools/reproduce_fashion_mnist.py --work work/repro_gpu --gpu   # GPU-sized budgets
 
@@ -165,7 +165,7 @@ class Repro:
                 {**base, "row": f"unicom_k{km}", "loss": "unicom", "l": 1},
                 {**base, "row": "best", "model": a.best_model, "steps": a.best_steps,
                  "set": base["set"] + list(a.best_set)}]
-        if a.rows != "main":  # the rows beyond the 90-minute main set can also be picked by name
+        if a.rows != "main":  # the rows beyond the main set (about 100 minutes) can also be picked by name
             rows.append({**base, "row": "best_round2", "model": a.best_model, "steps": a.best_steps,
                          "set": base["set"] + list(a.best_set), "labels": "round2", "after": "best"})
             rows.append({**base, "row": "vit_mlcd", "model": VIT_MODEL, "overrides": VIT_OVERRIDES})
