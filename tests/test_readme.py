@@ -77,6 +77,9 @@ RULES = [
     Rule(r"source \.venv/bin/activate", skip="changes the calling shell only"),
     Rule(r"tensorboard --logdir", skip="starts a server that runs until stopped"),
     Rule(r"python -m bench\.run_all", skip="the benchmarks: minutes to hours; `make bench`"),
+    Rule(r"python tools/reproduce_fashion_mnist\.py --work ",
+         skip="the Fashion-MNIST reproduction: 101 minutes on 2 cores; tests/test_tools_hostile.py and "
+              "test_launch_env.py drive its checks and preparation"),
     Rule(r"mlcd embed .*--model (open_clip:|hf:/models/)", skip="needs downloaded teacher weights"),
     Rule(r"mlcd convert --from-hf /models/", skip="needs a downloaded Hugging Face model"),
     Rule(r"torchrun --nproc_per_node 8 -m mlcd_train\.train --config vit_b32_paper",
