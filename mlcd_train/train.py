@@ -186,11 +186,24 @@ def main(argv: list[str] | None = None) -> int:
             cleanup()
 
 
-def autocast_context(precision: str, device: torch.device):
-    """bf16 / fp16 autocast on CUDA; on the CPU every precision runs in fp32 (see make_scaler)."""
+def autocast_context(precision: str, device: torch.device, cpu_autocast: bool = False):
+    """bf16 / fp16 autocast on CUDA; on the CPU every precision runs in fp32 (see make_scaler),
+    except bf16 with ``cpu_autocast`` (train.cpu_autocast).  The Partial FC logits run in fp32
+    either way (partial_fc.py turns autocast off around them)."""
     if device.type == "cuda" and precision in ("bf16", "fp16"):
         return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if device.type == "cpu" and cpu_autocast and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); without them a bf16 CPU
+    step is emulated and slower than fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def make_scaler(precision: str, device: torch.device):
@@ -548,9 +561,14 @@ class Trainer:
         self.fsdp = par.uses_fsdp(cfg, info)  # the backbone is sharded (fsdp on more than one rank)
         self.sharded_ckpt = cfg.train.parallel == "fsdp"  # DCP checkpoints, on one process too
         self.scaler = make_scaler(cfg.train.precision, info.device)
-        if info.is_main and cfg.train.precision != "fp32" and info.device.type != "cuda":
-            print(f"mlcd train: train.precision={cfg.train.precision} runs in fp32 on the CPU "
-                  "(autocast and loss scaling are for CUDA)", file=sys.stderr)
+        if info.is_main and info.device.type != "cuda":
+            if cfg.train.precision != "fp32" and not cfg.train.cpu_autocast:
+                print(f"mlcd train: train.precision={cfg.train.precision} runs in fp32 on the CPU "
+                      "(autocast and loss scaling are for CUDA; train.cpu_autocast=true autocasts bf16 "
+                      "on the CPU)", file=sys.stderr)
+            elif cfg.train.cpu_autocast and not cpu_has_fast_bf16():
+                print("mlcd train: warning: train.cpu_autocast=true on a CPU without native bf16 "
+                      "(AVX512-BF16 or AMX): the steps are likely slower than in fp32", file=sys.stderr)
         self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
         self.saved: set[int] = set()
         # the loader's saved position (TrainStream.state_dict) when the resume can use it
@@ -679,7 +697,7 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         dev = info.device
-        amp = autocast_context(cfg.train.precision, dev)
+        amp = autocast_context(cfg.train.precision, dev, cfg.train.cpu_autocast)
         params = [p for p in self.core.parameters() if p.requires_grad]
         clip = cfg.optim.clip_grad_norm
         clip_fn = None
@@ -701,7 +719,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(data)
                 win["wait"] += time.perf_counter() - t0
-                micro.append(batch.to(dev))
+                micro.append(batch.to(dev, channels_last=cfg.train.channels_last))
             factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
             set_lr(opts, factor)
             # negative sampling and any other torch randomness: a function of (seed, step, rank)

@@ -205,3 +205,66 @@ def test_the_scaled_cuda_step_makes_no_host_sync():
             torch.cuda.set_sync_debug_mode("default")
         opt.zero_grad(set_to_none=True)
         popt.zero_grad(set_to_none=True)
+
+
+def _resnet_args(out, *extra):
+    return [f"output_dir={out}", "data.synthetic=true", "loss.num_classes=32", "loss.l=2",
+            "model.name=ResNet-10-w16-28", "model.overrides={output_dim: 16}", "train.global_batch_size=8",
+            "train.log_every=1", "optim.warmup_steps=0", "train.steps=2", *extra]
+
+
+def _watch_convs(monkeypatch) -> list:
+    """(input dtype, input is channels_last, output dtype) of every Conv2d call on a training batch
+    (8 images; the trainer's one-image FLOP count runs outside the step)."""
+    seen, conv = [], torch.nn.Conv2d.forward
+
+    def watched(self, x):
+        out = conv(self, x)
+        if x.shape[0] == 8:
+            seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                         out.dtype))
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", watched)
+    return seen
+
+
+def _final_weights(out):
+    folder = list_checkpoints(out / "checkpoints")[-1][1]
+    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_cpu_autocast_runs_the_tower_in_bf16_and_keeps_fp32_weights(tmp_path, monkeypatch, capsys):
+    seen = _watch_convs(monkeypatch)
+    assert train.main(_resnet_args(tmp_path / "fp32")) == 0
+    assert seen and {s[2] for s in seen} == {torch.float32}        # default: fp32 on the CPU
+    assert "train.cpu_autocast=true autocasts bf16" in capsys.readouterr().err
+    seen.clear()
+    assert train.main(_resnet_args(tmp_path / "bf16", "train.cpu_autocast=true")) == 0
+    assert seen and {s[2] for s in seen} == {torch.bfloat16}       # every convolution computed in bf16
+    a, b = _final_weights(tmp_path / "fp32"), _final_weights(tmp_path / "bf16")
+    assert a.keys() == b.keys() and all(b[k].dtype == a[k].dtype for k in a)   # fp32 parameters kept
+    diffs = [float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()]
+    assert 0 < max(diffs) < 0.05   # different numerics, the same optimisation
+
+
+def test_cpu_autocast_needs_bf16():
+    base = ["output_dir=/tmp/x", "data.synthetic=true", "loss.num_classes=10", "train.steps=5",
+            "train.global_batch_size=8"]
+    with pytest.raises(MLCDError, match="'train.cpu_autocast': autocasts bf16 only"):
+        C.validate(C.build_config(None, base + ["train.precision=fp16", "train.cpu_autocast=true"]))
+    with pytest.raises(MLCDError, match="'train.channels_last': expected true or false"):
+        C.validate(C.build_config(None, base + ["train.channels_last=3"]))
+
+
+def test_channels_last_hands_the_tower_nhwc_images_and_trains_the_same(tmp_path, monkeypatch):
+    seen = _watch_convs(monkeypatch)
+    assert train.main(_resnet_args(tmp_path / "nchw", "train.precision=fp32")) == 0
+    assert seen and not any(s[1] for s in seen)
+    seen.clear()
+    assert train.main(_resnet_args(tmp_path / "nhwc", "train.precision=fp32", "train.channels_last=true")) == 0
+    assert seen and all(s[1] for s in seen)   # the first convolution's input and every one after it
+    a, b = _final_weights(tmp_path / "nchw"), _final_weights(tmp_path / "nhwc")
+    for k in a:
+        assert b[k].is_contiguous(), k        # the checkpoint's tensors keep their layout
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

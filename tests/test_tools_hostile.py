@@ -202,3 +202,24 @@ def test_reproduce_prepares_only_the_clusterings_its_rows_use_and_round2_needs_i
     a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--rows", "teacher"]))
     rep = R.Repro(a)
     assert rep.needed_ks(rep.rows()) == []
+
+
+def test_reproduce_cpu_bf16_reaches_every_training_and_set_can_override_it(tmp_path, monkeypatch):
+    R = _tool("reproduce_fashion_mnist")
+    import mlcd_train.train as T
+
+    def cmd(*argv):
+        a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), *argv]))
+        rep = R.Repro(a)
+        return {r["row"]: rep.train_cmd(r, 0) for r in rep.rows() if r["kind"] == "train"}
+
+    on = cmd("--cpu-bf16", "on")
+    assert on and all({"train.precision=bf16", "train.cpu_autocast=true", "train.channels_last=true"} <= set(c)
+                      for c in on.values())
+    assert not any("train.cpu_autocast=true" in c for c in cmd("--cpu-bf16", "off").values())
+    for native, expect in ((True, True), (False, False)):  # auto follows the CPU
+        monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda native=native: native)
+        assert all(("train.cpu_autocast=true" in c) == expect for c in cmd().values())
+    assert not any("train.cpu_autocast=true" in c for c in cmd("--device", "cuda").values())
+    late = cmd("--cpu-bf16", "on", "--set", "train.cpu_autocast=false")["best"]  # the last override wins
+    assert late.index("train.cpu_autocast=false") > late.index("train.cpu_autocast=true")

@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer override for every trained row (repeatable)")
     p.add_argument("--best-set", action="append", default=None, metavar="KEY=VALUE",
                    help=f"extra overrides of the best rows (default {' '.join(BEST_SET) or 'none'})")
+    p.add_argument("--cpu-bf16", default="auto", choices=("auto", "on", "off"),
+                   help="train with bf16 autocast on the CPU (train.cpu_autocast) and channels_last images; "
+                        "auto: when the CPU has native bf16 (AVX512-BF16 or AMX), about 1.9x a step")
     p.add_argument("--nproc", type=positive_int, default=1, help="training ranks per run (torchrun when > 1)")
     p.add_argument("--jobs", type=positive_int, default=2,
                    help="runs trained at the same time (one thread each when > 1)")
@@ -557,6 +560,14 @@ def settings(a: argparse.Namespace) -> argparse.Namespace:
         a.steps = a.steps or 469            # 1 epoch at batch 128
         a.best_steps = a.best_steps or 1407  # 3 epochs
         a.device = a.device or "cpu"
+    # the trainer's speed settings go first in every row's overrides, so --set can still change them
+    if a.cpu_bf16 == "auto":
+        from mlcd_train.train import cpu_has_fast_bf16
+
+        a.cpu_bf16 = "on" if a.device == "cpu" and cpu_has_fast_bf16() else "off"
+    speed = (["train.precision=bf16", "train.cpu_autocast=true", "train.channels_last=true"]
+             if a.cpu_bf16 == "on" else [])
+    a.set = speed + list(a.set or [])
     return a
 
 

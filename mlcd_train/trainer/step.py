@@ -28,9 +28,11 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        return Batch(self.images.to(device, non_blocking=non_blocking),
-                     self.labels.to(device, non_blocking=non_blocking))
+    def to(self, device: torch.device, non_blocking: bool = True, channels_last: bool = False) -> "Batch":
+        images = self.images.to(device, non_blocking=non_blocking)
+        if channels_last:  # train.channels_last: the same values, NHWC strides
+            images = images.contiguous(memory_format=torch.channels_last)
+        return Batch(images, self.labels.to(device, non_blocking=non_blocking))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
