@@ -131,7 +131,7 @@ class TrainConfig:
     precision: str = "bf16"             # bf16 (autocast on GPU) | fp16 (autocast + GradScaler on GPU) | fp32;
     # on CPU bf16 and fp16 run in fp32 unless cpu_autocast is set
     cpu_autocast: bool = False          # bf16 also autocasts on the CPU (precision bf16 only): about 1.8x a
-    # ResNet step on CPUs with AVX512-BF16 or AMX, slower on CPUs without (a warning says so)
+    # ResNet-18 step on a CPU with AVX512-BF16 or AMX, slower on CPUs without (a warning says so)
     channels_last: bool = False         # hand the tower its images in channels_last (NHWC) memory format, which
     # the convolutions then keep: about 1.1x a ResNet step on the CPU; the weights stay as they are
     device: str = "auto"                # auto | cpu | cuda

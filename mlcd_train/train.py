@@ -198,10 +198,12 @@ def autocast_context(precision: str, device: torch.device, cpu_autocast: bool = 
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 or AMX); without them a bf16 CPU
-    step is emulated and slower than fp32."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles).  Not oneDNN's own
+    ``_is_mkldnn_bf16_supported``: that is also true on AVX512 CPUs without bf16 (Skylake to Ice
+    Lake servers), where bf16 is emulated and a step is slower than in fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.backends.mkldnn.is_available() and any(f() for f in checks if f is not None))
     except (AttributeError, RuntimeError):
         return False
 
@@ -569,6 +571,9 @@ class Trainer:
             elif cfg.train.cpu_autocast and not cpu_has_fast_bf16():
                 print("mlcd train: warning: train.cpu_autocast=true on a CPU without native bf16 "
                       "(AVX512-BF16 or AMX): the steps are likely slower than in fp32", file=sys.stderr)
+            elif cfg.train.cpu_autocast:
+                print("mlcd train: bf16 autocast on the CPU (train.cpu_autocast); parameters and the loss "
+                      "in fp32", file=sys.stderr)
         self.skipped, self.corrupt_total, self.corrupt_offset = 0, 0, 0
         self.saved: set[int] = set()
         # the loader's saved position (TrainStream.state_dict) when the resume can use it

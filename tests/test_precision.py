@@ -210,6 +210,7 @@ def test_the_scaled_cuda_step_makes_no_host_sync():
 def _resnet_args(out, *extra):
     return [f"output_dir={out}", "data.synthetic=true", "loss.num_classes=32", "loss.l=2",
             "model.name=ResNet-10-w16-28", "model.overrides={output_dim: 16}", "train.global_batch_size=8",
+            "train.device=cpu",
             "train.log_every=1", "optim.warmup_steps=0", "train.steps=2", *extra]
 
 
@@ -241,6 +242,7 @@ def test_cpu_autocast_runs_the_tower_in_bf16_and_keeps_fp32_weights(tmp_path, mo
     assert "train.cpu_autocast=true autocasts bf16" in capsys.readouterr().err
     seen.clear()
     assert train.main(_resnet_args(tmp_path / "bf16", "train.cpu_autocast=true")) == 0
+    assert "bf16 autocast on the CPU (train.cpu_autocast)" in capsys.readouterr().err or not train.cpu_has_fast_bf16()
     assert seen and {s[2] for s in seen} == {torch.bfloat16}       # every convolution computed in bf16
     a, b = _final_weights(tmp_path / "fp32"), _final_weights(tmp_path / "bf16")
     assert a.keys() == b.keys() and all(b[k].dtype == a[k].dtype for k in a)   # fp32 parameters kept
@@ -268,3 +270,13 @@ def test_channels_last_hands_the_tower_nhwc_images_and_trains_the_same(tmp_path,
     for k in a:
         assert b[k].is_contiguous(), k        # the checkpoint's tensors keep their layout
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_bf16_means_avx512_bf16_or_amx_not_onednn_emulation(monkeypatch):
+    # oneDNN's own bf16 check is true on any AVX512BW/VL/DQ CPU, where bf16 is emulated
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    for avx512_bf16, amx, fast in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert train.cpu_has_fast_bf16() is fast

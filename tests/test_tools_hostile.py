@@ -221,5 +221,7 @@ def test_reproduce_cpu_bf16_reaches_every_training_and_set_can_override_it(tmp_p
         monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda native=native: native)
         assert all(("train.cpu_autocast=true" in c) == expect for c in cmd().values())
     assert not any("train.cpu_autocast=true" in c for c in cmd("--device", "cuda").values())
-    late = cmd("--cpu-bf16", "on", "--set", "train.cpu_autocast=false")["best"]  # the last override wins
-    assert late.index("train.cpu_autocast=false") > late.index("train.cpu_autocast=true")
+    for own in (["--set", "train.precision=fp32"], ["--best-set", "train.cpu_autocast=false"]):
+        runs = cmd("--cpu-bf16", "on", *own)  # the user's precision is not contradicted in any row
+        assert not any("train.cpu_autocast=true" in c or "train.precision=bf16" in c for c in runs.values())
+        assert all("train.channels_last=true" in c for c in runs.values())

@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"extra overrides of the best rows (default {' '.join(BEST_SET) or 'none'})")
     p.add_argument("--cpu-bf16", default="auto", choices=("auto", "on", "off"),
                    help="train with bf16 autocast on the CPU (train.cpu_autocast) and channels_last images; "
-                        "auto: when the CPU has native bf16 (AVX512-BF16 or AMX), about 1.9x a step")
+                        "auto: on the CPU when it has native bf16 (AVX512-BF16 or AMX); about 1.8x a step. "
+                        "A --set or --best-set of train.precision or train.cpu_autocast takes precedence")
     p.add_argument("--nproc", type=positive_int, default=1, help="training ranks per run (torchrun when > 1)")
     p.add_argument("--jobs", type=positive_int, default=2,
                    help="runs trained at the same time (one thread each when > 1)")
@@ -562,11 +563,18 @@ def settings(a: argparse.Namespace) -> argparse.Namespace:
         a.device = a.device or "cpu"
     # the trainer's speed settings go first in every row's overrides, so --set can still change them
     if a.cpu_bf16 == "auto":
+        import torch
+
         from mlcd_train.train import cpu_has_fast_bf16
 
-        a.cpu_bf16 = "on" if a.device == "cpu" and cpu_has_fast_bf16() else "off"
-    speed = (["train.precision=bf16", "train.cpu_autocast=true", "train.channels_last=true"]
-             if a.cpu_bf16 == "on" else [])
+        on_cpu = a.device == "cpu" or (a.device == "auto" and not torch.cuda.is_available())
+        a.cpu_bf16 = "on" if on_cpu and cpu_has_fast_bf16() else "off"
+    own = {kv.split("=", 1)[0].strip() for kv in list(a.set or []) + list(a.best_set or [])}
+    speed = []
+    if a.cpu_bf16 == "on":  # a precision the user sets is not contradicted (cpu_autocast needs bf16)
+        if not own & {"train.precision", "train.cpu_autocast"}:
+            speed += ["train.precision=bf16", "train.cpu_autocast=true"]
+        speed.append("train.channels_last=true")
     a.set = speed + list(a.set or [])
     return a
 

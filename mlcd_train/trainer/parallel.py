@@ -9,7 +9,8 @@
   backward.  Gradients are averaged over the ranks by the reduce-scatter as DDP's all-reduce
   does, so both see the same step (the Partial FC's world_size x embedding gradient relies
   on that averaging).  On CUDA the parameters are cast to bf16 for compute (fp16 for
-  ``train.precision=fp16``), gradients reduced in fp32; on the CPU everything is fp32.
+  ``train.precision=fp16``), gradients reduced in fp32; on the CPU the parameters are fp32 (``train.cpu_autocast``
+  autocasts the compute to bf16 on top of that).
   On one process nothing is wrapped (as DDP).
 
 Sharded checkpoints (``fsdp``): ``model_dcp/`` and ``optim_dcp/`` in the step folder, written
