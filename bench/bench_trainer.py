@@ -5,6 +5,9 @@
     python -m bench.bench_trainer --gpu      # one GPU: ViT-B/16-224, k = 1M, bf16: img/s and MFU
     python -m bench.bench_trainer --parallel fsdp   # step time of train.parallel=fsdp beside ddp,
                                                     # 2 CPU ranks under torchrun (gloo)
+    python -m bench.bench_trainer --cpu-bf16        # ResNet-18-w16-28 with train.cpu_autocast and
+                                                    # train.channels_last against fp32, and each
+                                                    # against a bare loop doing the same
 
 Reference ("bare loop"): the same model (``ViT-Tiny-4-28``), the same PartialFC loss and
 optimisers (AdamW with the trainer's parameter groups, PartialFC's row-sparse AdamW), the
@@ -48,7 +51,8 @@ def _common(steps: int, log_every: int) -> list[str]:
 
 
 def bare_loop(steps: int, log_every: int, device: str = "cpu", model: str = MODEL, k: int = K,
-              batch: int = BATCH, bf16: bool = False, image_size: int | None = None) -> list[float]:
+              batch: int = BATCH, bf16: bool = False, image_size: int | None = None,
+              channels_last: bool = False) -> list[float]:
     """img/s of each window of ``log_every`` steps of the plain loop (first window excluded)."""
     from mlcd_train import config as C
     from mlcd_train.models import create_model
@@ -70,7 +74,9 @@ def bare_loop(steps: int, log_every: int, device: str = "cpu", model: str = MODE
     for step in range(1, steps + 1):
         x, y = next(data)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
             emb = net(x)
         loss = pfc(emb.float(), y)
         loss.backward()
@@ -175,6 +181,52 @@ def _run(quick: bool) -> list[dict]:
     ]
 
 
+def run_cpu_bf16(quick: bool = False) -> list[dict]:
+    """ResNet-18-w16-28 (the reproduction's student), batch 128, k 1000, in-memory data, one
+    thread: the trainer in fp32 and with ``train.cpu_autocast`` + ``train.channels_last``, each
+    against a bare loop doing the same (autocast bf16 on the CPU, NHWC images)."""
+    from mlcd_core.malloc import tune_malloc
+
+    os.environ.setdefault("MLCD_QUIET", "1")
+    tune_malloc()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, batch, k = "ResNet-18-w16-28", 128, K
+    steps, log_every, repeats = (30, 5, 2) if quick else (40, 5, 3)
+    fast = ["train.precision=bf16", "train.cpu_autocast=true", "train.channels_last=true"]
+    got: dict = {"bare32": [], "bare16": [], "ours32": [], "ours16": []}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for rep in range(repeats):
+                got["bare32"].append(statistics.median(bare_loop(steps, log_every, model=model, k=k, batch=batch)))
+                got["bare16"].append(statistics.median(bare_loop(steps, log_every, model=model, k=k, batch=batch,
+                                                                 bf16=True, channels_last=True)))
+                for key, extra in (("ours32", ["train.precision=fp32"]), ("ours16", fast)):
+                    r, _ = trainer_run([f"model.name={model}", f"train.global_batch_size={batch}",
+                                        "data.synthetic=true", f"loss.num_classes={k}", *extra],
+                                       steps, log_every, Path(tmp) / f"{key}{rep}")
+                    got[key].append(statistics.median(r))
+    finally:
+        torch.set_num_threads(threads)
+    m = {key: statistics.median(v) for key, v in got.items()}
+    per = lambda a, b: statistics.median(x / y for x, y in zip(got[a], got[b]))  # noqa: E731
+    note = f"{model}, batch {batch}, k {k}, {steps} steps, 1 thread, median of {repeats}"
+    return [
+        row("trainer-cpu-bf16", "img/s cpu_autocast + channels_last", m["ours16"], m["bare16"],
+            "bare loop, autocast bf16 + NHWC", per("ours16", "bare16"), ">= 0.97", note),
+        row("trainer-cpu-bf16", "img/s fp32", m["ours32"], m["bare32"], "bare loop, fp32",
+            per("ours32", "bare32"), ">= 0.97", note),
+        row("trainer-cpu-bf16", "speed-up over fp32", m["ours16"], m["ours32"], "trainer fp32",
+            per("ours16", "ours32"), None, note + ("" if _native_bf16() else "; this CPU has no native bf16")),
+    ]
+
+
+def _native_bf16() -> bool:
+    from mlcd_train.train import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
+
+
 def run_gpu(steps: int = 60) -> list[dict]:
     """One GPU: ViT-B/16-224, k = 1M, bf16, in-memory data: img/s of the trainer and the bare
     loop, and model FLOPs utilisation (3 x forward FLOPs per image; peak bf16 dense FLOP/s from
@@ -233,7 +285,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="step time of this train.parallel mode beside ddp on 2 CPU ranks (torchrun)")
     ap.add_argument("--steps", type=int_at_least(10), default=30,
                     help="steps per run of --parallel (>= 10: the step time is read from the log's windows)")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="ResNet-18-w16-28: train.cpu_autocast + channels_last against fp32 and a bare loop")
     a = ap.parse_args(argv)
+    if a.cpu_bf16:
+        print(format_table(run_cpu_bf16(a.quick)))
+        return
     if a.parallel:
         print(format_table(run_parallel(sorted({"ddp", a.parallel}), a.steps)))
         return

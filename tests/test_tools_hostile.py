@@ -225,3 +225,20 @@ def test_reproduce_cpu_bf16_reaches_every_training_and_set_can_override_it(tmp_p
         runs = cmd("--cpu-bf16", "on", *own)  # the user's precision is not contradicted in any row
         assert not any("train.cpu_autocast=true" in c or "train.precision=bf16" in c for c in runs.values())
         assert all("train.channels_last=true" in c for c in runs.values())
+
+
+def test_reproduce_probe_command_carries_every_probe_setting(tmp_path):
+    # the probe runs as `python -m mlcd_train.probe` (side by side under --jobs 2): its flags must
+    # parse back into exactly the settings the run records
+    R = _tool("reproduce_fashion_mnist")
+    from mlcd_train import probe as P
+
+    for device in ("cpu", "auto"):
+        a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--device", device]))
+        rep = R.Repro(a)
+        pkw = rep.probe_kwargs(str(tmp_path / "w" / "out"))
+        cmd = rep.probe_cmd("mlcd:/x/student.pt", pkw)
+        assert cmd[1:3] == ["-m", "mlcd_train.probe"]
+        got = vars(P.build_parser().parse_args(cmd[3:]))
+        assert got["embedder"] == "mlcd:/x/student.pt"
+        assert {k: got[k] for k in pkw} == pkw

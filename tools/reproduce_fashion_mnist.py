@@ -52,7 +52,6 @@ from mlcd_core.errors import MLCDError  # noqa: E402
 from mlcd_core.io import atomic_save_json, atomic_write_text, check_out_separate, load_json  # noqa: E402
 from mlcd_train.data.shards import make_shards  # noqa: E402
 from mlcd_train.export import export as export_fn  # noqa: E402
-from mlcd_train.probe import probe  # noqa: E402
 from mlcd_train.trainer.checkpoint import step_dir  # noqa: E402
 
 # The earlier CPU student (row vit_mlcd): ViT-Tiny-4-28 with 7 px patches (17 tokens), width 64, 3 layers.
@@ -245,6 +244,13 @@ class Repro:
         return {"train": train, "test": self.p("shards", "test"), "out": out, "json": os.path.join(out, "probe.json"),
                 "workers": 0, "batch_size": 1024, "seed": 0, "device": a.device if a.device != "auto" else None}
 
+    def probe_cmd(self, spec: str, pkw: dict) -> list[str]:
+        """``mlcd probe`` with :meth:`probe_kwargs` as its flags."""
+        cmd = [sys.executable, "-m", "mlcd_train.probe", "--embedder", spec, "--train", pkw["train"], "--test",
+               pkw["test"], "--out", pkw["out"], "--json", pkw["json"], "--workers", str(pkw["workers"]),
+               "--batch-size", str(pkw["batch_size"]), "--seed", str(pkw["seed"])]
+        return cmd + (["--device", pkw["device"]] if pkw["device"] else [])
+
     def in_process(self, threads: int, fn, *args, **kwargs):
         """A stage function of one (row, seed) run in this process: one at a time (they set torch's
         global seed and thread count, which the --jobs threads share), quiet, ``threads`` threads."""
@@ -279,8 +285,8 @@ class Repro:
 
     def run_one(self, row: dict, seed: int, threads: int) -> dict:
         """One (row, seed): train (a subprocess: --jobs trainings overlap, each with its own torch
-        generator and threads, and torchrun when --nproc > 1), then export and probe (their Python
-        functions, in this process); returns its result, cached in result.json."""
+        generator and threads, and torchrun when --nproc > 1), export (in this process), probe (a
+        subprocess too); returns its result, cached in result.json."""
         a = self.a
         d = self.rdir(row, seed)
         res_path = os.path.join(d, "result.json")
@@ -323,8 +329,12 @@ class Repro:
             commands.append(shown(export_fn, str(final), export))
             spec = "mlcd:" + export
         pkw = self.probe_kwargs(os.path.join(d, "probe"))
-        pr = self.in_process(threads, probe, spec, **pkw).record
-        commands.append(shown(probe, spec, **pkw))
+        # a process of its own, like a training: two probes run side by side under --jobs 2 (in this
+        # process they ran one at a time, and a lane idled whenever both runs were probing)
+        cmd = self.probe_cmd(spec, pkw)
+        self._sub(cmd, os.path.join(d, "probe.log"), threads)
+        pr = load_json(pkw["json"], expect=dict)
+        commands.append(shlex.join(cmd))
         res = {**row, "linear_top1": pr["linear"]["top1"], "knn_top1": pr["knn"]["top1"], "l2": pr["linear"]["l2"],
                "n_probe_train": pr["n_train"], "n_probe_test": pr["n_test"], "seed": seed,
                "batch_size": a.batch_size if row["kind"] == "train" else None,
@@ -411,9 +421,8 @@ class Repro:
         log(f"prepared shards, teacher embeddings, clusters and labels in {time.perf_counter() - t0:.0f}s")
         tasks = [(r, s) for r in rows for s in ([a.seed] if r["kind"] == "teacher" else a.seeds)]
         # the longest trainings first, so that the --jobs pool ends together; the probe-only rows
-        # (teacher, random init) before the short trainings: their probes run in this process one
-        # at a time, and last in the queue they left one lane idle (the 3 December run: 10 of its
-        # 100 minutes)
+        # (teacher, random init: a random tower's probe takes longer than a 1-epoch row's training)
+        # before the short trainings
         first = sorted((t for t in tasks if "after" not in t[0]),
                        key=lambda t: -(t[0]["steps"] if t[0]["kind"] == "train" else a.steps + 1))
         later = [t for t in tasks if "after" in t[0]]
