@@ -242,3 +242,20 @@ def test_reproduce_probe_command_carries_every_probe_setting(tmp_path):
         got = vars(P.build_parser().parse_args(cmd[3:]))
         assert got["embedder"] == "mlcd:/x/student.pt"
         assert {k: got[k] for k in pkw} == pkw
+
+
+@pytest.mark.parametrize("written", ['{"linear": 1}', '[1, 2]', '{"linear": {"top1": 0.5}}'])
+def test_reproduce_refuses_a_probe_result_that_is_not_one(tmp_path, monkeypatch, capsys, written):
+    R = _tool("reproduce_fashion_mnist")
+    a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--rows", "teacher"]))
+    rep = R.Repro(a)
+
+    def fake_probe(argv, log_path, threads):  # the probe subprocess, leaving a hostile probe.json
+        out = Path(argv[argv.index("--json") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(written)
+
+    monkeypatch.setattr(rep, "_sub", fake_probe)
+    with pytest.raises(MLCDError, match=r"probe\.json"):
+        rep.run_one(rep.rows()[0], 0, 1)
+    assert not (tmp_path / "w" / "runs" / "teacher" / "seed0" / "result.json").exists()

@@ -21,7 +21,7 @@ per-row aggregates), ``results.md`` (the table), ``results.png`` (the plot); per
 ``runs/<row>/seed<s>/``.  Everything resumes: rerunning skips finished runs.  ``--jobs 2``
 trains two runs at a time with one thread each (faster on 2 cores than one run with two).
 
-    python tools/reproduce_fashion_mnist.py --work work/repro             # main rows: 101 min on 2 idle cores
+    python tools/reproduce_fashion_mnist.py --work work/repro             # main rows: 75 min on 2 idle cores
     python tools/reproduce_fashion_mnist.py --work work/repro --rows full
     python tools/reproduce_fashion_mnist.py --work work/repro_gpu --gpu   # GPU-sized budgets
 
@@ -334,6 +334,11 @@ class Repro:
         cmd = self.probe_cmd(spec, pkw)
         self._sub(cmd, os.path.join(d, "probe.log"), threads)
         pr = load_json(pkw["json"], expect=dict)
+        try:
+            pr["linear"]["top1"], pr["knn"]["top1"], pr["linear"]["l2"], pr["n_train"], pr["n_test"]
+        except (KeyError, TypeError):
+            raise MLCDError(f"{pkw['json']}: not a probe result (linear / knn / n_train / n_test missing); "
+                            f"delete {pkw['out']} and rerun") from None
         commands.append(shlex.join(cmd))
         res = {**row, "linear_top1": pr["linear"]["top1"], "knn_top1": pr["knn"]["top1"], "l2": pr["linear"]["l2"],
                "n_probe_train": pr["n_train"], "n_probe_test": pr["n_test"], "seed": seed,
