@@ -186,6 +186,7 @@ def run_cpu_bf16(quick: bool = False) -> list[dict]:
     thread: the trainer in fp32 and with ``train.cpu_autocast`` + ``train.channels_last``, each
     against a bare loop doing the same (autocast bf16 on the CPU, NHWC images)."""
     from mlcd_core.malloc import tune_malloc
+    from mlcd_train.train import cpu_has_fast_bf16
 
     os.environ.setdefault("MLCD_QUIET", "1")
     tune_malloc()
@@ -217,14 +218,8 @@ def run_cpu_bf16(quick: bool = False) -> list[dict]:
         row("trainer-cpu-bf16", "img/s fp32", m["ours32"], m["bare32"], "bare loop, fp32",
             per("ours32", "bare32"), ">= 0.97", note),
         row("trainer-cpu-bf16", "speed-up over fp32", m["ours16"], m["ours32"], "trainer fp32",
-            per("ours16", "ours32"), None, note + ("" if _native_bf16() else "; this CPU has no native bf16")),
+            per("ours16", "ours32"), None, note + ("" if cpu_has_fast_bf16() else "; this CPU has no native bf16")),
     ]
-
-
-def _native_bf16() -> bool:
-    from mlcd_train.train import cpu_has_fast_bf16
-
-    return cpu_has_fast_bf16()
 
 
 def run_gpu(steps: int = 60) -> list[dict]:
