@@ -29,6 +29,7 @@ stage stops with an :class:`MLCDError` naming the variable, not a silent wait.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import time
@@ -224,6 +225,7 @@ def init_distributed(device: str | None = None, backend: str | None = None,
                 dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
                                         timeout=datetime.timedelta(seconds=op_s), **kw)
                 base.set_timeout(datetime.timedelta(seconds=op_s))
+                _destroy_at_exit()
             except MLCDError:
                 raise
             except (RuntimeError, OSError) as exc:  # DistStoreError, DistNetworkError, gloo/NCCL
@@ -233,6 +235,32 @@ def init_distributed(device: str | None = None, backend: str | None = None,
                                 "no checkpoint was touched") from None
         return DistInfo(rank, world, local, dev, backend)
     return DistInfo(0, 1, local, dev, None)
+
+
+_EXIT_HOOK = False
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group when the interpreter exits, while it is still whole.
+
+    A stage that returns without :func:`cleanup` (embed, cluster, assign under torchrun) used to
+    leave the group to interpreter finalisation: gloo's worker threads then drop the last
+    tensors of finished work and take the GIL of an interpreter being torn down, and a rank
+    dies with SIGABRT after its work is done (seen in CI on the distributed k-means; torch's
+    own atexit fix, pytorch/pytorch#179291, was abandoned).  atexit handlers run before that
+    teardown; destroying a group is local to the rank, so no rank waits for another here.
+    """
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_cleanup_at_exit)
+        _EXIT_HOOK = True
+
+
+def _cleanup_at_exit() -> None:
+    try:
+        cleanup()
+    except Exception:  # noqa: BLE001 - the stage's work is done and written; exit as it would have
+        pass
 
 
 def get_rank() -> int:

@@ -359,3 +359,35 @@ def test_restarted_group_that_cannot_form_fails_within_60s_and_keeps_the_checkpo
     assert_same(final_weights(out), reference)
     after = checkpoint_files(out)
     assert {k: v for k, v in after.items() if k in kept} == {k: v for k, v in kept.items() if k in after}
+
+
+EXIT_SCRIPT = """
+import atexit, torch, torch.distributed as dist
+# registered first, so it runs last: after every exit handler init_distributed added
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+from mlcd_core.dist import init_distributed
+torch.set_num_threads(1)
+init_distributed(device="cpu")
+t = torch.ones(1)
+dist.all_reduce(t)
+print("sum", t.item(), flush=True)
+"""
+
+
+def test_a_stage_that_returns_without_cleanup_leaves_no_group_to_interpreter_teardown(clean_env):
+    """embed / cluster / assign return without destroying the group; gloo's threads then died with
+    SIGABRT in interpreter finalisation now and then (the distributed k-means in CI).  The group
+    must be gone before finalisation: init_distributed destroys it at exit."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT],
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{err[-2000:]}"
+        assert "sum 2.0" in out and "group alive at exit: False" in out, (r, out, err[-2000:])
