@@ -225,7 +225,8 @@ def init_distributed(device: str | None = None, backend: str | None = None,
                 dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
                                         timeout=datetime.timedelta(seconds=op_s), **kw)
                 base.set_timeout(datetime.timedelta(seconds=op_s))
-                _destroy_at_exit()
+                if backend == "gloo":
+                    _destroy_at_exit()
             except MLCDError:
                 raise
             except (RuntimeError, OSError) as exc:  # DistStoreError, DistNetworkError, gloo/NCCL
@@ -248,7 +249,10 @@ def _destroy_at_exit() -> None:
     tensors of finished work and take the GIL of an interpreter being torn down, and a rank
     dies with SIGABRT after its work is done (seen in CI on the distributed k-means; torch's
     own atexit fix, pytorch/pytorch#179291, was abandoned).  atexit handlers run before that
-    teardown; destroying a group is local to the rank, so no rank waits for another here.
+    teardown; destroying a gloo group is local to the rank, so no rank waits for another here,
+    also on the way out of a failure.  Only gloo: an NCCL communicator with work in flight may
+    block in its destruction, and a rank that failed must exit so that torchrun stops the others
+    (:func:`mlcd_core.stage.run_main` destroys any group after a stage that succeeded).
     """
     global _EXIT_HOOK
     if not _EXIT_HOOK:

@@ -23,4 +23,8 @@ def run_main(name: str, main: Callable[[Optional[list]], Optional[int]], argv: S
     except MLCDError as exc:
         print(f"mlcd {name}: error: {exc}", file=sys.stderr)
         return 2
+    if "torch.distributed" in sys.modules:  # the stage is done on every rank: its group goes now,
+        from mlcd_core.dist import cleanup  # not in interpreter teardown (mlcd_core/dist.py)
+
+        cleanup()
     return int(rc or 0)

@@ -361,25 +361,32 @@ def test_restarted_group_that_cannot_form_fails_within_60s_and_keeps_the_checkpo
     assert {k: v for k, v in after.items() if k in kept} == {k: v for k, v in kept.items() if k in after}
 
 
+
 EXIT_SCRIPT = """
-import atexit, torch, torch.distributed as dist
+import atexit, sys, torch, torch.distributed as dist
 # registered first, so it runs last: after every exit handler init_distributed added
 atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
 from mlcd_core.dist import init_distributed
+from mlcd_core.stage import run_main
 torch.set_num_threads(1)
-init_distributed(device="cpu")
-t = torch.ones(1)
-dist.all_reduce(t)
-print("sum", t.item(), flush=True)
+
+def stage(argv):
+    init_distributed(device="cpu")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    print("sum", t.item(), flush=True)
+
+if sys.argv[1] == "run_main":
+    run_main("test", stage, [])
+    print("group alive after run_main:", dist.is_initialized(), flush=True)
+else:
+    stage([])
 """
 
 
-def test_a_stage_that_returns_without_cleanup_leaves_no_group_to_interpreter_teardown(clean_env):
-    """embed / cluster / assign return without destroying the group; gloo's threads then died with
-    SIGABRT in interpreter finalisation now and then (the distributed k-means in CI).  The group
-    must be gone before finalisation: init_distributed destroys it at exit."""
+def _two_ranks(script: str, *args: str) -> list[str]:
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT],
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args],
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -389,5 +396,16 @@ def test_a_stage_that_returns_without_cleanup_leaves_no_group_to_interpreter_tea
         for p in procs:
             p.kill()
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{err[-2000:]}"
-        assert "sum 2.0" in out and "group alive at exit: False" in out, (r, out, err[-2000:])
+        assert p.returncode == 0 and "sum 2.0" in out, f"rank {r} exited {p.returncode}:\n{out}\n{err[-2000:]}"
+    return [out for out, _ in outs]
+
+
+def test_a_stage_that_returns_without_cleanup_leaves_no_group_to_interpreter_teardown(clean_env):
+    """A stage's own code (embed / cluster / assign) does not destroy its group; left to interpreter
+    finalisation, gloo's threads killed a rank with SIGABRT now and then (the distributed k-means in
+    CI).  run_main destroys it when the stage returns, and init_distributed at exit for gloo (a
+    stage called from Python, or one that failed)."""
+    for out in _two_ranks(EXIT_SCRIPT, "run_main"):
+        assert "group alive after run_main: False" in out, out
+    for out in _two_ranks(EXIT_SCRIPT, "plain"):
+        assert "group alive at exit: False" in out, out
