@@ -242,17 +242,19 @@ _EXIT_HOOK = False
 
 
 def _destroy_at_exit() -> None:
-    """Destroy the process group when the interpreter exits, while it is still whole.
+    """Destroy a gloo process group when the interpreter exits, while it is still whole.
 
     A stage that returns without :func:`cleanup` (embed, cluster, assign under torchrun) used to
     leave the group to interpreter finalisation: gloo's worker threads then drop the last
     tensors of finished work and take the GIL of an interpreter being torn down, and a rank
     dies with SIGABRT after its work is done (seen in CI on the distributed k-means; torch's
     own atexit fix, pytorch/pytorch#179291, was abandoned).  atexit handlers run before that
-    teardown; destroying a gloo group is local to the rank, so no rank waits for another here,
-    also on the way out of a failure.  Only gloo: an NCCL communicator with work in flight may
-    block in its destruction, and a rank that failed must exit so that torchrun stops the others
-    (:func:`mlcd_core.stage.run_main` destroys any group after a stage that succeeded).
+    teardown.  gloo's threads stop only when the last reference to the group goes, and after
+    an uncaught exception the traceback's frames (``sys.last_traceback``) may hold one, so the
+    hook drops those first.  Destroying sends nothing to the other ranks (it waits only for
+    this rank's own queued work).  Only gloo: for NCCL the end of the group is left to the
+    stage (the trainer destroys its own; :func:`mlcd_core.stage.run_main` does after a stage
+    that succeeded), since a communicator with work in flight may block in its destruction.
     """
     global _EXIT_HOOK
     if not _EXIT_HOOK:
@@ -261,8 +263,15 @@ def _destroy_at_exit() -> None:
 
 
 def _cleanup_at_exit() -> None:
+    import gc
+    import sys
+
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):  # an uncaught exception's frames: they may hold the group
+            setattr(sys, name, None)
     try:
         cleanup()
+        gc.collect()  # the group's last references (in reference cycles), so its threads stop here
     except Exception:  # noqa: BLE001 - the stage's work is done and written; exit as it would have
         pass
 

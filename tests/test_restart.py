@@ -361,51 +361,79 @@ def test_restarted_group_that_cannot_form_fails_within_60s_and_keeps_the_checkpo
     assert {k: v for k, v in after.items() if k in kept} == {k: v for k, v in kept.items() if k in after}
 
 
-
 EXIT_SCRIPT = """
-import atexit, sys, torch, torch.distributed as dist
+import atexit, os, sys, torch, torch.distributed as dist
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
 # registered first, so it runs last: after every exit handler init_distributed added
-atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+atexit.register(lambda: print("at exit: group", dist.is_initialized(), "threads", threads(), flush=True))
 from mlcd_core.dist import init_distributed
 from mlcd_core.stage import run_main
 torch.set_num_threads(1)
 
 def stage(argv):
     init_distributed(device="cpu")
+    group = dist.group.WORLD  # a reference that a failure's traceback keeps
     t = torch.ones(1)
-    dist.all_reduce(t)
-    print("sum", t.item(), flush=True)
+    dist.all_reduce(t, group=group)
+    print("sum", t.item(), "threads", threads(), flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("the stage fails")
 
-if sys.argv[1] == "run_main":
+mode = sys.argv[1]
+if mode == "caller":
+    init_distributed(device="cpu")
+if mode in ("run_main", "caller"):
     run_main("test", stage, [])
-    print("group alive after run_main:", dist.is_initialized(), flush=True)
+    print("after run_main: group", dist.is_initialized(), "threads", threads(), flush=True)
 else:
     stage([])
 """
 
 
-def _two_ranks(script: str, *args: str) -> list[str]:
+def _two_ranks(mode: str) -> list[dict]:
+    """EXIT_SCRIPT in ``mode`` on two gloo ranks; each rank's {"sum" | "after" | "exit": (group, threads)}."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", script, *args],
-                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT)),
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT),
+               MLCD_DIST_START_TIMEOUT="30")
+    procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, mode], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = []
     try:
-        outs = [p.communicate(timeout=60) for p in procs]
+        for p in procs:
+            outs.append(p.communicate(timeout=60))
     finally:
         for p in procs:
             p.kill()
+    res = []
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and "sum 2.0" in out, f"rank {r} exited {p.returncode}:\n{out}\n{err[-2000:]}"
-    return [out for out, _ in outs]
+        assert p.returncode == (1 if mode == "raise" else 0), f"rank {r} exited {p.returncode}:\n{out}\n{err[-2000:]}"
+        got = {}
+        for line in out.splitlines():
+            w = line.split()
+            if w[0] == "sum":
+                got["sum"] = (float(w[1]), int(w[3]))
+            elif w[0] in ("after", "at"):
+                got[w[0]] = (w[-3] == "True", int(w[-1]))
+        assert got["sum"][0] == 2.0, out
+        res.append(got)
+    return res
 
 
-def test_a_stage_that_returns_without_cleanup_leaves_no_group_to_interpreter_teardown(clean_env):
+@pytest.mark.slow
+def test_a_stage_leaves_no_gloo_group_to_interpreter_teardown(clean_env):
     """A stage's own code (embed / cluster / assign) does not destroy its group; left to interpreter
     finalisation, gloo's threads killed a rank with SIGABRT now and then (the distributed k-means in
-    CI).  run_main destroys it when the stage returns, and init_distributed at exit for gloo (a
-    stage called from Python, or one that failed)."""
-    for out in _two_ranks(EXIT_SCRIPT, "run_main"):
-        assert "group alive after run_main: False" in out, out
-    for out in _two_ranks(EXIT_SCRIPT, "plain"):
-        assert "group alive at exit: False" in out, out
+    CI).  The group and its threads must be gone before finalisation: run_main destroys the group a
+    stage made when it returns; for a stage called from Python, or one that failed while its
+    traceback holds the group, init_distributed's exit hook does.  A caller's own group stays."""
+    for got in _two_ranks("run_main"):
+        busy = got["sum"][1]
+        assert got["after"] == (False, got["after"][1]) and got["after"][1] < busy, got
+    for mode in ("plain", "raise"):
+        for got in _two_ranks(mode):
+            assert got["at"][0] is False and got["at"][1] < got["sum"][1], (mode, got)
+    for got in _two_ranks("caller"):
+        assert got["after"][0] is True, got
