@@ -78,7 +78,7 @@ RULES = [
     Rule(r"tensorboard --logdir", skip="starts a server that runs until stopped"),
     Rule(r"python -m bench\.run_all", skip="the benchmarks: minutes to hours; `make bench`"),
     Rule(r"python tools/reproduce_fashion_mnist\.py --work ",
-         skip="the Fashion-MNIST reproduction: 75 minutes on 2 cores; tests/test_tools_hostile.py and "
+         skip="the Fashion-MNIST reproduction: 74 minutes on 2 cores; tests/test_tools_hostile.py and "
               "test_launch_env.py drive its checks and preparation"),
     Rule(r"mlcd embed .*--model (open_clip:|hf:/models/)", skip="needs downloaded teacher weights"),
     Rule(r"mlcd convert --from-hf /models/", skip="needs a downloaded Hugging Face model"),
