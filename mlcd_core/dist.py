@@ -225,8 +225,9 @@ def init_distributed(device: str | None = None, backend: str | None = None,
                 dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
                                         timeout=datetime.timedelta(seconds=op_s), **kw)
                 base.set_timeout(datetime.timedelta(seconds=op_s))
-                if backend == "gloo":
-                    _destroy_at_exit()
+                if backend == "gloo":  # once per process, however many groups it forms
+                    atexit.unregister(_cleanup_at_exit)
+                    atexit.register(_cleanup_at_exit)
             except MLCDError:
                 raise
             except (RuntimeError, OSError) as exc:  # DistStoreError, DistNetworkError, gloo/NCCL
@@ -238,10 +239,7 @@ def init_distributed(device: str | None = None, backend: str | None = None,
     return DistInfo(0, 1, local, dev, None)
 
 
-_EXIT_HOOK = False
-
-
-def _destroy_at_exit() -> None:
+def _cleanup_at_exit() -> None:
     """Destroy a gloo process group when the interpreter exits, while it is still whole.
 
     A stage that returns without :func:`cleanup` (embed, cluster, assign under torchrun) used to
@@ -256,13 +254,6 @@ def _destroy_at_exit() -> None:
     stage (the trainer destroys its own; :func:`mlcd_core.stage.run_main` does after a stage
     that succeeded), since a communicator with work in flight may block in its destruction.
     """
-    global _EXIT_HOOK
-    if not _EXIT_HOOK:
-        atexit.register(_cleanup_at_exit)
-        _EXIT_HOOK = True
-
-
-def _cleanup_at_exit() -> None:
     import gc
     import sys
 

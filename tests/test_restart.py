@@ -72,24 +72,33 @@ print(json.dumps(res))
 """
 
 
-def run_ranks(ranks, world, port, env, timeout=60):
-    """Start ``ranks`` of a ``world``-rank group as processes running init_distributed and an
-    all_reduce; {rank: (status, value)}."""
+def start_ranks(script, ranks, world, port, env, args=(), timeout=60):
+    """Run ``ranks`` of a ``world``-rank group as processes executing ``script`` (``args`` after it);
+    {rank: (returncode, stdout, stderr)}."""
     procs = {}
     for r in ranks:
         e = dict(os.environ, **env, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
-        procs[r] = subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env=e, stdout=subprocess.PIPE,
+        procs[r] = subprocess.Popen([sys.executable, "-c", script, *args], env=e, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
     res = {}
     try:
         for r, p in procs.items():
             out, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{err[-3000:]}"
-            res[r] = tuple(json.loads(out.strip().splitlines()[-1]))
+            res[r] = (p.returncode, out, err)
     finally:
         for p in procs.values():
             p.kill()
+    return res
+
+
+def run_ranks(ranks, world, port, env, timeout=60):
+    """Start ``ranks`` of a ``world``-rank group as processes running init_distributed and an
+    all_reduce; {rank: (status, value)}."""
+    res = {}
+    for r, (rc, out, err) in start_ranks(RANK_SCRIPT, ranks, world, port, env, timeout=timeout).items():
+        assert rc == 0, f"rank {r} exited {rc}:\n{err[-3000:]}"
+        res[r] = tuple(json.loads(out.strip().splitlines()[-1]))
     return res
 
 
@@ -394,22 +403,11 @@ else:
 
 
 def _two_ranks(mode: str) -> list[dict]:
-    """EXIT_SCRIPT in ``mode`` on two gloo ranks; each rank's {"sum" | "after" | "exit": (group, threads)}."""
-    port = free_port()
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT),
-               MLCD_DIST_START_TIMEOUT="30")
-    procs = [subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, mode], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=60))
-    finally:
-        for p in procs:
-            p.kill()
+    """EXIT_SCRIPT in ``mode`` on two gloo ranks; each rank's {"sum" | "after" | "at": (group, threads)}."""
+    runs = start_ranks(EXIT_SCRIPT, (0, 1), 2, free_port(), {"MLCD_DIST_START_TIMEOUT": "30"}, args=(mode,))
     res = []
-    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == (1 if mode == "raise" else 0), f"rank {r} exited {p.returncode}:\n{out}\n{err[-2000:]}"
+    for r, (rc, out, err) in runs.items():
+        assert rc == (1 if mode == "raise" else 0), f"rank {r} exited {rc}:\n{out}\n{err[-2000:]}"
         got = {}
         for line in out.splitlines():
             w = line.split()
