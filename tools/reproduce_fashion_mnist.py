@@ -13,7 +13,8 @@ images, mean and standard deviation over ``--seeds``:
 2. **Multi-label vs single-label** (ResNet-50 on ImageNet in the paper: Unicom 58.4 vs MLCD
    67.2 at 1K clusters): ``unicom_k1000`` vs ``mlcd_k1000_l8``, same student and budget;
    ``--rows full`` adds the k sweep (Unicom and MLCD at every k of --k-list), the l sweep at
-   --k-main, the negative sample rate 1.0 vs 0.1 at --k-rate and ``unicom_best`` (Unicom with
+   --k-main, the negative sample rate 1.0 vs 0.1 for both losses at --k-main and --k-rate
+   (``mlcd_k<k>_l8_r1.0``, ``unicom_k<k>_r1.0``) and ``unicom_best`` (Unicom with
    the ``best`` row's student and budget).  Any of these rows can also be named in --rows.
 
 Output in --work: ``results.json`` (every run with its exact commands and seed, and the
@@ -181,7 +182,10 @@ class Repro:
             kr = a.k_rate
             if kr not in a.k_list:
                 rows.append({**base, "row": f"mlcd_k{kr}_l8", "k": kr, "labels": f"labels_k{kr}"})
-            rows.append({**base, "row": f"mlcd_k{kr}_l8_r1.0", "k": kr, "labels": f"labels_k{kr}", "r": 1.0})
+            for kk in sorted({km, kr}):  # every centre in every step, both losses, at the main k and --k-rate
+                rows.append({**base, "row": f"mlcd_k{kk}_l8_r1.0", "k": kk, "labels": f"labels_k{kk}", "r": 1.0})
+                rows.append({**base, "row": f"unicom_k{kk}_r1.0", "loss": "unicom", "l": 1, "k": kk,
+                             "labels": f"labels_k{kk}", "r": 1.0})
         if a.rows not in ("main", "full"):
             wanted = a.rows.split(",")
             known = {r["row"] for r in rows}
