@@ -204,6 +204,26 @@ def test_reproduce_prepares_only_the_clusterings_its_rows_use_and_round2_needs_i
     assert rep.needed_ks(rep.rows()) == []
 
 
+def test_reproduce_sample_rate_rows_train_what_their_names_say(tmp_path):
+    # r = 1.0 for both losses at the main k and at --k-rate; each row's trainer command carries
+    # its own loss, l, rate and labels (the pair differs only in the loss and l)
+    R = _tool("reproduce_fashion_mnist")
+    a = R.settings(R.build_parser().parse_args(["--work", str(tmp_path / "w"), "--k-rate", "5000", "--rows",
+                                                "mlcd_k1000_l8_r1.0,unicom_k1000_r1.0,unicom_k5000_r1.0"]))
+    rep = R.Repro(a)
+    cmds = {r["row"]: rep.train_cmd(r, 0) for r in rep.rows()}
+    labels = str(tmp_path / "w" / "labels_k1000")
+    assert {"loss.name=mlcd", "loss.l=8", "loss.sample_rate=1.0", f"data.labels={labels}"} <= set(
+        cmds["mlcd_k1000_l8_r1.0"])
+    assert {"loss.name=unicom", "loss.l=1", "loss.sample_rate=1.0", f"data.labels={labels}"} <= set(
+        cmds["unicom_k1000_r1.0"])
+    assert f"data.labels={tmp_path / 'w' / 'labels_k5000'}" in cmds["unicom_k5000_r1.0"]
+    assert rep.needed_ks(rep.rows()) == [1000, 5000]
+    pair = [set(cmds[r]) - {"loss.name=mlcd", "loss.name=unicom", "loss.l=8", "loss.l=1"}
+            for r in ("mlcd_k1000_l8_r1.0", "unicom_k1000_r1.0")]
+    assert pair[0] == {c.replace("unicom_k1000_r1.0", "mlcd_k1000_l8_r1.0") for c in pair[1]}  # output_dir aside
+
+
 def test_reproduce_cpu_bf16_reaches_every_training_and_set_can_override_it(tmp_path, monkeypatch):
     R = _tool("reproduce_fashion_mnist")
     import mlcd_train.train as T
