@@ -9,25 +9,29 @@ from glob import glob
 
 from setuptools import find_packages, setup
 
+# The floors were checked on 3 December 2026 by installing the old ones (torch 2.4, open_clip 2.24):
+# torch < 2.7 lacks what the FSDP2 path uses (public fully_shard 2.6, dcp.load(no_dist=) 2.7) and
+# transformers' save/load needs torch.distributed.tensor (2.5); open_clip takes weights_only= from
+# 3.0, which needs timm 1.0.17.  torch 2.7 itself has not been run here (see the session note).
 INSTALL_REQUIRES = [
-    "torch>=2.4,<=2.14.1",
-    "torchvision>=0.19,<=0.29.1",
+    "torch>=2.7,<=2.14.1",
+    "torchvision>=0.22,<=0.29.1",
     "faiss-cpu>=1.8,<2",
     "webdataset>=0.2.86,<2",
-    "open_clip_torch>=2.24,<4",
+    "open_clip_torch>=3.0,<4",
     "tensorboard>=2.14,<3",
     "numpy>=1.24,<3",
     "pillow>=10,<14",
     "pyyaml>=6,<7",
     "tqdm>=4.64,<5",
     "matplotlib>=3.7,<4",
-    # the resnet family is timm's ResNet; its `channels` argument (narrow CPU presets) came in 1.0.8
-    "timm>=1.0.8,<2",
+    # the resnet family is timm's ResNet (its `channels` argument came in 1.0.8); open_clip 3.0 needs 1.0.17
+    "timm>=1.0.17,<2",
 ]
 
 EXTRAS = {
     # Hugging Face export / import (MLCDVisionModel landed in transformers 4.52).
-    "hf": ["transformers>=4.52,<6", "safetensors>=0.4,<1"],
+    "hf": ["transformers>=4.52,<6", "safetensors>=0.4.3,<1"],
     # faiss on GPU: install the faiss-gpu build matching your CUDA (conda or a cuXX wheel).
     "gpu": ["faiss-gpu>=1.8,<2"],
     # Optional fused optimisers; apex must be built against your torch/CUDA, see README.
@@ -40,7 +44,7 @@ EXTRAS = {
         "pytest-xdist>=3.6.1,<4",
         "scikit-learn>=1.3",
         "transformers>=4.52,<6",
-        "safetensors>=0.4,<1",
+        "safetensors>=0.4.3,<1",
         # the linter .ci/run runs (ruff.toml); a minor release can add rules, so one minor line
         "ruff>=0.17,<0.18",
     ],
