@@ -164,9 +164,12 @@ def test_import_reads_every_layout_of_class_pos_emb_and_the_prefix(tmp_path):
     hf = transformers.MLCDVisionModel(transformers.MLCDVisionConfig(
         hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=24,
         patch_size=6)).eval()
-    hf.save_pretrained(tmp_path / "v5")
-    base = load_file(str(tmp_path / "v5" / "model.safetensors"))
-    assert "class_pos_emb" in base  # transformers 5 writes no prefix
+    hf.save_pretrained(tmp_path / "saved")
+    # transformers 5 writes no prefix, 4.x writes vision_model.: each layout is written here from
+    # the unprefixed names, whichever version saved them
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    base = {k.removeprefix("vision_model."): v for k, v in saved.items()}
+    assert "class_pos_emb" in base and len(base) == len(saved)
     layouts = {"v5": base,
                "prefixed": {"vision_model." + k: v for k, v in base.items()},
                "mixed": {(k if k == "class_pos_emb" else "vision_model." + k): v for k, v in base.items()}}
@@ -175,17 +178,16 @@ def test_import_reads_every_layout_of_class_pos_emb_and_the_prefix(tmp_path):
         ref = hf(pixel_values=x).last_hidden_state
     for name, sd in layouts.items():
         d = tmp_path / name
-        if name != "v5":
-            d.mkdir()
-            (d / "config.json").write_text((tmp_path / "v5" / "config.json").read_text())
-            save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        d.mkdir()
+        (d / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         ours = conv.import_from_hf(d)
         with torch.no_grad():
             torch.testing.assert_close(ours.forward_tokens(x), ref, atol=1e-5, rtol=1e-5)
     # a layout missing class_pos_emb altogether is refused by name, not built at random
     d = tmp_path / "no_rope"
     d.mkdir()
-    (d / "config.json").write_text((tmp_path / "v5" / "config.json").read_text())
+    (d / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
     save_file({k: v for k, v in layouts["prefixed"].items() if "class_pos_emb" not in k}, str(d / "model.safetensors"))
     with pytest.raises(MLCDError, match="class_pos_emb"):
         conv.import_from_hf(d)
